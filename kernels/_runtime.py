@@ -1,0 +1,102 @@
+"""Shared plumbing for every op in ``longcat.kernels``: where a Triton kernel can run, the
+one-time fallback warning, and the input checks that give clear errors.
+
+An op runs its Triton kernel when its tensors live on a CUDA device, or on the CPU when the
+Triton interpreter is switched on (``TRITON_INTERPRET=1`` set before triton is imported; this is
+how the test-suite exercises the kernels without a GPU). Otherwise the public function falls back
+to the op's pure-PyTorch ``*_reference`` and warns once per op.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "interpreter_enabled",
+    "triton_runs_on",
+    "warn_once",
+    "check_tensor",
+    "check_same_device",
+    "check_latent_shape",
+]
+
+_WARNED: set[str] = set()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels execute in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_runs_on(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take these tensors as they are (all on one CUDA device, or on
+    the CPU with the interpreter on)."""
+    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    if devices == {"cuda"}:
+        return True
+    if devices == {"cpu"}:
+        return interpreter_enabled()
+    return False
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def fallback_warning(op: str) -> None:
+    warn_once(
+        f"fallback:{op}",
+        f"longcat.kernels.{op}: no CUDA device and TRITON_INTERPRET is not set; "
+        "using the pure-PyTorch reference implementation (correct, not fast).",
+    )
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    last_dim: int | None = None,
+) -> None:
+    """Raise a TypeError/ValueError naming ``name`` when ``t`` is not the expected tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of: {allowed}")
+    if last_dim is not None and t.shape[-1] != last_dim:
+        raise ValueError(f"{name} must have last dimension {last_dim}, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise a ValueError listing the devices when the named tensors are not on one device."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device; got {listing}")
+
+
+def check_latent_shape(name: str, shape: Sequence[int], num_tokens: int | None = None) -> tuple[int, int, int]:
+    """Validate a (T, H, W) latent grid, optionally against a token count; returns it as ints."""
+    try:
+        grid = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a (T, H, W) sequence of ints, got {shape!r}") from None
+    if len(grid) != 3 or any(s <= 0 for s in grid):
+        raise ValueError(f"{name} must be three positive ints (T, H, W), got {shape!r}")
+    if num_tokens is not None and grid[0] * grid[1] * grid[2] != num_tokens:
+        raise ValueError(
+            f"{name}={grid} holds {grid[0] * grid[1] * grid[2]} tokens but the sequence has {num_tokens}"
+        )
+    return grid

@@ -1,0 +1,1 @@
+"""Attention kernels: block-sparse 3D, dense and variable-length."""

@@ -1,1 +1,28 @@
-"""pkg"""
+"""LongCat-Video acceleration toolkit.
+
+``longcat.LongCatVideoTransformer3DModel`` is a checkpoint-compatible implementation of the
+LongCat-Video DiT; ``longcat.kernels`` holds the Triton kernels, ``longcat.quant`` the 8-bit
+quantizer and ``longcat.bench`` the benchmark harness.
+"""
+import os as _os
+
+# Running from a source checkout that was not installed: the top-level folders kernels/, quant/
+# and bench/ are this package's subpackages, exactly as setup.py maps them.
+_checkout_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout_root, "kernels", "_runtime.py")) and _checkout_root not in __path__:
+    __path__.append(_checkout_root)
+
+from .model import LongCatVideoTransformer3DModel  # noqa: E402
+from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS  # noqa: E402
+from .presets import PRESETS, get_preset  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LongCatVideoTransformer3DModel",
+    "DiTOps",
+    "REFERENCE_OPS",
+    "SDPA_OPS",
+    "PRESETS",
+    "get_preset",
+]

@@ -1,0 +1,576 @@
+"""LongCat-Video DiT: our own implementation, state-dict compatible with the upstream checkpoint.
+
+The math follows the upstream model exactly (DESIGN.md section 3): per-frame adaLN computed in
+float32, float32 LayerNorms and RMSNorms, 3D RoPE, variable-length cross-attention over each
+sample's valid text tokens, SwiGLU FFN, condition latents and the KV cache. The hot ops are taken
+from a swappable ``DiTOps`` table (``longcat.ops``), so Triton kernels replace them without
+changing this file.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS
+
+__all__ = [
+    "LongCatVideoTransformer3DModel",
+    "LongCatBlock",
+    "SelfAttention",
+    "CrossAttention",
+    "FeedForwardSwiGLU",
+    "ffn_hidden_size",
+    "CONFIG_DEFAULTS",
+]
+
+# Constructor keys of the upstream model, with upstream's defaults (the released 13.6B model).
+CONFIG_DEFAULTS: Dict[str, Any] = dict(
+    in_channels=16,
+    out_channels=16,
+    hidden_size=4096,
+    depth=48,
+    num_heads=32,
+    caption_channels=4096,
+    mlp_ratio=4,
+    adaln_tembed_dim=512,
+    frequency_embedding_size=256,
+    patch_size=(1, 2, 2),
+    enable_flashattn3=False,
+    enable_flashattn2=False,
+    enable_xformers=False,
+    enable_bsa=False,
+    bsa_params=None,
+    cp_split_hw=None,
+    text_tokens_zero_pad=False,
+)
+
+NORM_EPS = 1e-6
+
+
+def ffn_hidden_size(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
+    """SwiGLU width: 2/3 of hidden_size * mlp_ratio, rounded up to a multiple of 256."""
+    hidden = int(2 * int(hidden_size * mlp_ratio) / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def fp32_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a Linear in float32 whatever its storage dtype (upstream runs the adaLN, timestep and
+    final layers under float32 autocast). A Linear whose forward was replaced (LoRA, quantization)
+    is called as a module so the replacement takes effect."""
+    if type(module) is nn.Linear and "forward" not in vars(module):
+        bias = None if module.bias is None else module.bias.float()
+        return F.linear(x.float(), module.weight.float(), bias)
+    dtype = getattr(module, "weight", x).dtype if isinstance(getattr(module, "weight", None), torch.Tensor) else x.dtype
+    return module(x.to(dtype) if dtype.is_floating_point else x).float()
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMSNorm over head_dim; the math lives in the op table (``ops.rms_norm``)."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class LayerNormFP32(nn.Module):
+    """LayerNorm computed in float32 (affine or not); cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS, elementwise_affine: bool = True):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(dim))
+            self.bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+
+class PatchEmbed3D(nn.Module):
+    """Conv3d patchify of latents [B, C, T, H, W] -> tokens [B, T*H'*W', hidden] (H, W padded
+    up to a multiple of the patch)."""
+
+    def __init__(self, patch_size: Sequence[int], in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pt, ph, pw = self.patch_size
+        _, _, T, H, W = x.shape
+        pad = (0, (-W) % pw, 0, (-H) % ph, 0, (-T) % pt)  # right/bottom, as upstream
+        if any(pad):
+            x = F.pad(x, pad)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features (cos half, then sin half) -> MLP, in float32."""
+
+    def __init__(self, t_embed_dim: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, t_embed_dim, bias=True),
+            nn.SiLU(),
+            nn.Linear(t_embed_dim, t_embed_dim, bias=True),
+        )
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = fp32_linear(self.mlp[0], self.sinusoidal(t, self.frequency_embedding_size))
+        return fp32_linear(self.mlp[2], F.silu(h))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text-embedding projection: Linear, GELU(tanh), Linear (activation dtype)."""
+
+    def __init__(self, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.y_proj = nn.Sequential(
+            nn.Linear(in_channels, hidden_size, bias=True),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(y)
+
+
+class FeedForwardSwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)`` without biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ops: DiTOps) -> torch.Tensor:
+        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+
+
+def _bsa_kwargs(bsa_params: Optional[dict]) -> dict:
+    """Map upstream's ``bsa_params`` (sparsity, cdf_threshold, chunk_3d_shape_q/k) to ours."""
+    params = dict(bsa_params or {})
+    tile_q = tuple(params.pop("chunk_3d_shape_q", (4, 4, 8)))
+    tile_k = tuple(params.pop("chunk_3d_shape_k", tile_q))
+    if tile_q != tile_k:
+        raise ValueError(f"bsa_params: chunk_3d_shape_q {tile_q} and chunk_3d_shape_k {tile_k} must be equal")
+    out = {"sparsity": params.pop("sparsity", 0.875), "cdf_threshold": params.pop("cdf_threshold", None), "tile": tile_q}
+    if params:
+        raise ValueError(f"bsa_params: unknown keys {sorted(params)}")
+    return out
+
+
+class SelfAttention(nn.Module):
+    """3D self-attention: fused qkv, per-head q/k RMSNorm, 3D RoPE, dense or block-sparse
+    attention, output projection. Condition tokens attend to condition tokens only."""
+
+    def __init__(self, dim: int, num_heads: int, enable_bsa: bool = False, bsa_params: Optional[dict] = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+        self.enable_bsa = enable_bsa
+        self.bsa_params = bsa_params
+
+    def _attend(self, ops: DiTOps, q, k, v, grid, latent_t: int):
+        """Dense attention, or BSA where it is enabled (video only, as upstream: T > 1)."""
+        if self.enable_bsa and latent_t > 1:
+            _, H, W = grid
+            shape_q = (q.shape[2] // (H * W), H, W)
+            shape_k = (k.shape[2] // (H * W), H, W)
+            return ops.block_sparse_attention(q, k, v, shape_q, shape_k, **_bsa_kwargs(self.bsa_params))
+        return ops.dense_attention(q, k, v)
+
+    def _qkv(self, ops: DiTOps, x: torch.Tensor, grid, frame_offset: int, want_k_pre_rope: bool, rope: bool = True):
+        B, N, C = x.shape
+        qkv = self.qkv(x)
+        if rope and ops.qkv_norm_rope is not None:
+            return ops.qkv_norm_rope(
+                qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, grid, frame_offset,
+                self.q_norm.eps, want_k_pre_rope,
+            )
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+        k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        k_pre = k if want_k_pre_rope else None
+        if rope:
+            q = ops.rope_3d(q, grid, frame_offset)
+            k = ops.rope_3d(k, grid, frame_offset)
+        return (q, k, v, k_pre) if want_k_pre_rope else (q, k, v)
+
+    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, N, _ = x.shape
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.dim))
+
+    def forward(self, x, ops: DiTOps, grid, num_cond_latents: int = 0, return_kv: bool = False):
+        T, H, W = grid
+        if return_kv:
+            q, k, v, k_pre = self._qkv(ops, x, grid, 0, True)
+            kv = (k_pre.clone(), v.clone())
+        else:
+            q, k, v = self._qkv(ops, x, grid, 0, False)
+        if num_cond_latents:
+            n_cond = num_cond_latents * H * W
+            kc, vc = k[:, :, :n_cond], v[:, :, :n_cond]
+            out_cond = self._attend(ops, q[:, :, :n_cond], kc, vc, grid, T)
+            out_noise = self._attend(ops, q[:, :, n_cond:], k, v, grid, T)
+            out = torch.cat([out_cond, out_noise], dim=2)
+        else:
+            out = self._attend(ops, q, k, v, grid, T)
+        out = self._merge_heads(out)
+        return (out, kv) if return_kv else out
+
+    def forward_with_kv_cache(self, x, ops: DiTOps, grid, num_cond_latents: int, kv_cache):
+        """New frames attend to the cached condition frames and to themselves. The cache holds
+        k after the norm and before RoPE; RoPE runs on the grid (num_cond + T, H, W) and the
+        queries take the positions of the last T frames."""
+        T, H, W = grid
+        B = x.shape[0]
+        k_cache, v_cache = kv_cache
+        q, k, v = self._qkv(ops, x, grid, 0, False, rope=False)
+        if k_cache.shape[0] == 1 and B > 1:
+            k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
+        full_grid = (num_cond_latents + T, H, W)
+        k_full = ops.rope_3d(torch.cat([k_cache.to(k.dtype), k], dim=2), full_grid, 0)
+        v_full = torch.cat([v_cache.to(v.dtype), v], dim=2)
+        q = ops.rope_3d(q, grid, num_cond_latents)
+        out = self._attend(ops, q, k_full, v_full, grid, T)
+        return self._merge_heads(out)
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention: each sample's queries attend to its own valid text tokens, packed
+    into one sequence (variable-length attention)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(self, x, ops: DiTOps, text, cu_seqlens_k, num_skip_tokens: int = 0):
+        """x [B, N, C]; text [L_total, C] packed; the first ``num_skip_tokens`` tokens of every
+        sample (condition frames) get no cross-attention (output 0, as upstream)."""
+        B, N, C = x.shape
+        xq = x[:, num_skip_tokens:] if num_skip_tokens else x
+        Nq = xq.shape[1]
+        q = self.q_linear(xq).reshape(B * Nq, self.num_heads, self.head_dim)
+        k, v = self.kv_linear(text).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
+        q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+        k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        cu_q = torch.arange(B + 1, device=x.device, dtype=torch.int32) * Nq
+        out = ops.varlen_attention(q, k, v, cu_q, cu_seqlens_k)
+        out = self.proj(out.reshape(B, Nq, C))
+        if num_skip_tokens:
+            out = torch.cat([out.new_zeros(B, num_skip_tokens, C), out], dim=1)
+        return out
+
+
+class LongCatBlock(nn.Module):
+    """One single-stream DiT block: adaLN-modulated self-attention, text cross-attention and
+    adaLN-modulated SwiGLU FFN, each with its residual."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio, adaln_tembed_dim, enable_bsa=False, bsa_params=None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 6 * hidden_size, bias=True))
+        self.pre_crs_attn_norm = LayerNormFP32(hidden_size, elementwise_affine=True)
+        self.attn = SelfAttention(hidden_size, num_heads, enable_bsa=enable_bsa, bsa_params=bsa_params)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.ffn = FeedForwardSwiGLU(hidden_size, ffn_hidden_size(hidden_size, mlp_ratio))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        grid: Tuple[int, int, int],
+        ops: DiTOps,
+        num_cond_latents: int = 0,
+        return_kv: bool = False,
+        kv_cache=None,
+        skip_crs_attn: bool = False,
+    ):
+        T, H, W = grid
+        # [B, T, 6C] in float32: one modulation row per latent frame.
+        mod = fp32_linear(self.adaLN_modulation[1], F.silu(t.float()))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+
+        x_m = ops.layer_norm_modulate(x, shift_msa, scale_msa, None, None, NORM_EPS)
+        kv = None
+        if kv_cache is not None:
+            attn_out = self.attn.forward_with_kv_cache(x_m, ops, grid, num_cond_latents, kv_cache)
+        elif return_kv:
+            attn_out, kv = self.attn(x_m, ops, grid, num_cond_latents, return_kv=True)
+        else:
+            attn_out = self.attn(x_m, ops, grid, num_cond_latents)
+        x = ops.gated_residual(x, attn_out, gate_msa)
+
+        if not skip_crs_attn:
+            # With a KV cache every token of this call is a noise token and gets text attention.
+            n_skip = 0 if kv_cache is not None else num_cond_latents * H * W
+            normed = ops.layer_norm_modulate(
+                x, None, None, self.pre_crs_attn_norm.weight, self.pre_crs_attn_norm.bias, self.pre_crs_attn_norm.eps
+            )
+            x = x + self.cross_attn(normed, ops, text, cu_seqlens_k, n_skip)
+
+        x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
+        x = ops.gated_residual(x, self.ffn(x_m, ops), gate_mlp)
+        return (x, kv) if return_kv else x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + LayerNorm-modulate + Linear to patch pixels, all in float32."""
+
+    def __init__(self, hidden_size: int, num_patch: int, out_channels: int, adaln_tembed_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_patch * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ops: DiTOps) -> torch.Tensor:
+        shift, scale = fp32_linear(self.adaLN_modulation[1], F.silu(t.float())).chunk(2, dim=-1)
+        x = ops.layer_norm_modulate(x.float(), shift, scale, None, None, NORM_EPS)
+        return fp32_linear(self.linear, x)
+
+
+class LongCatVideoTransformer3DModel(nn.Module):
+    """The LongCat-Video DiT. Constructor keys and forward arguments are upstream's; the state
+    dict has upstream's names and shapes, so upstream checkpoints load as they are."""
+
+    _supports_gradient_checkpointing = True
+
+    def __init__(self, **config):
+        super().__init__()
+        unknown = set(config) - set(CONFIG_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown LongCat-Video config keys: {sorted(unknown)}")
+        cfg = {**CONFIG_DEFAULTS, **config}
+        cfg["patch_size"] = tuple(int(p) for p in cfg["patch_size"])
+        cfg["cp_split_hw"] = list(cfg["cp_split_hw"] or [1, 1])
+        if len(cfg["patch_size"]) != 3 or cfg["patch_size"][0] != 1:
+            raise ValueError(f"patch_size must be (1, ph, pw): the temporal axis is not patched; got {cfg['patch_size']}")
+        if cfg["cp_split_hw"][0] * cfg["cp_split_hw"][1] != 1:
+            raise NotImplementedError(
+                "cp_split_hw (spatial context-parallel split) is not supported by this implementation; use [1, 1]"
+            )
+        if cfg["hidden_size"] % cfg["num_heads"]:
+            raise ValueError(f"hidden_size {cfg['hidden_size']} is not divisible by num_heads {cfg['num_heads']}")
+        if cfg["bsa_params"] is not None:
+            _bsa_kwargs(cfg["bsa_params"])  # validate early
+        self.config = cfg
+        self.patch_size = cfg["patch_size"]
+        self.in_channels, self.out_channels = cfg["in_channels"], cfg["out_channels"]
+        C = cfg["hidden_size"]
+
+        self.x_embedder = PatchEmbed3D(self.patch_size, cfg["in_channels"], C)
+        self.t_embedder = TimestepEmbedder(cfg["adaln_tembed_dim"], cfg["frequency_embedding_size"])
+        self.y_embedder = CaptionEmbedder(cfg["caption_channels"], C)
+        self.blocks = nn.ModuleList(
+            LongCatBlock(C, cfg["num_heads"], cfg["mlp_ratio"], cfg["adaln_tembed_dim"], cfg["enable_bsa"], cfg["bsa_params"])
+            for _ in range(cfg["depth"])
+        )
+        self.final_layer = FinalLayer(C, math.prod(self.patch_size), cfg["out_channels"], cfg["adaln_tembed_dim"])
+        self.gradient_checkpointing = False
+        self.ops: DiTOps = SDPA_OPS
+
+    # ----------------------------------------------------------------- construction helpers
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LongCatVideoTransformer3DModel":
+        from .presets import get_preset
+
+        return cls(**{**get_preset(name), **overrides})
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device="cpu", **kwargs):
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    # ----------------------------------------------------------------- switches
+    def set_ops(self, ops: DiTOps) -> "LongCatVideoTransformer3DModel":
+        """Choose the op implementations (``longcat.ops.REFERENCE_OPS``, ``SDPA_OPS``, ...)."""
+        if not isinstance(ops, DiTOps):
+            raise TypeError(f"ops must be a longcat.ops.DiTOps, got {type(ops).__name__}")
+        self.ops = ops
+        return self
+
+    def enable_bsa(self) -> None:
+        for block in self.blocks:
+            block.attn.enable_bsa = True
+
+    def disable_bsa(self) -> None:
+        for block in self.blocks:
+            block.attn.enable_bsa = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.proj.weight.device
+
+    # ----------------------------------------------------------------- forward
+    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents, kv_cache_dict, return_kv):
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
+            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+            raise ValueError(f"hidden_states must be latents [B, C, T, H, W] (rank 5), got {shape}")
+        B, C, T, H, W = hidden_states.shape
+        if C != self.in_channels:
+            raise ValueError(f"hidden_states has {C} channels; the model expects in_channels={self.in_channels}")
+        if not isinstance(timestep, torch.Tensor):
+            raise TypeError(f"timestep must be a tensor of shape [B] or [B, T], got {type(timestep).__name__}")
+        if not (timestep.shape == (B,) or timestep.shape == (B, T)):
+            raise ValueError(f"timestep must have shape [B]=[{B}] or [B, T]=[{B}, {T}], got {tuple(timestep.shape)}")
+        y = encoder_hidden_states
+        if not isinstance(y, torch.Tensor) or y.dim() not in (3, 4) or (y.dim() == 4 and y.shape[1] != 1):
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"encoder_hidden_states must be [B, 1, L, C_text] or [B, L, C_text], got {shape}")
+        if y.shape[0] != B:
+            raise ValueError(f"encoder_hidden_states has batch {y.shape[0]}, hidden_states has {B}")
+        if y.shape[-1] != self.config["caption_channels"]:
+            raise ValueError(f"encoder_hidden_states has {y.shape[-1]} channels; caption_channels={self.config['caption_channels']}")
+        L = y.shape[-2]
+        if encoder_attention_mask is not None:
+            m = encoder_attention_mask
+            if not isinstance(m, torch.Tensor) or m.shape not in ((B, L), (B, 1, 1, L)):
+                shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(
+                    f"encoder_attention_mask must be [B, L] or [B, 1, 1, L] = [{B}, {L}] matching the text length, got {shape}"
+                )
+        if not isinstance(num_cond_latents, int) or num_cond_latents < 0:
+            raise ValueError(f"num_cond_latents must be a non-negative int, got {num_cond_latents!r}")
+        if kv_cache_dict:
+            if return_kv:
+                raise ValueError("return_kv=True cannot be combined with a kv_cache_dict (the cache is built in a call of its own)")
+            if set(kv_cache_dict) != set(range(len(self.blocks))):
+                raise ValueError(f"kv_cache_dict must hold an entry for each of the {len(self.blocks)} blocks")
+            if num_cond_latents < 1:
+                raise ValueError("with a kv_cache_dict, num_cond_latents must give the number of cached latent frames (>= 1)")
+            ph, pw = self.patch_size[1:]
+            cached = num_cond_latents * math.ceil(H / ph) * math.ceil(W / pw)
+            k0, v0 = kv_cache_dict[0]
+            if k0.shape[2] != cached or v0.shape != k0.shape or k0.shape[0] not in (1, B):
+                raise ValueError(
+                    f"kv cache holds k {tuple(k0.shape)}, v {tuple(v0.shape)}; expected [1 or {B}, heads, {cached}, head_dim] "
+                    f"for {num_cond_latents} cached frames"
+                )
+        elif num_cond_latents >= T:
+            raise ValueError(f"num_cond_latents={num_cond_latents} must be smaller than the number of latent frames T={T}")
+
+    def _pack_text(self, y: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Project the text and pack every sample's valid tokens into one [L_total, C] sequence;
+        returns it with the cumulative key offsets [B + 1] (int32)."""
+        B = y.shape[0]
+        y = self.y_embedder(y.reshape(B, y.shape[-2], y.shape[-1]))  # [B, L, C]
+        L = y.shape[1]
+        if mask is not None:
+            mask = mask.reshape(B, L)
+            if self.config["text_tokens_zero_pad"]:
+                y = y * mask[:, :, None].to(y.dtype)
+                mask = None
+        if mask is None:
+            lengths = torch.full((B,), L, dtype=torch.int32, device=y.device)
+            packed = y.reshape(B * L, -1)
+        else:
+            keep = mask != 0
+            lengths = keep.sum(dim=1, dtype=torch.int32)
+            packed = y[keep]
+        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        return packed, cu
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        num_cond_latents: int = 0,
+        return_kv: bool = False,
+        kv_cache_dict: Optional[dict] = None,
+        skip_crs_attn: bool = False,
+        offload_kv_cache: bool = False,
+    ):
+        """Predict the flow for latents [B, C_in, T, H, W] at ``timestep`` ([B], or [B, T] for
+        one timestep per latent frame). Returns float32 [B, C_out, T, H, W], and with
+        ``return_kv`` also ``{block index: (k, v)}`` (k after the norm, before RoPE), on the CPU
+        when ``offload_kv_cache``."""
+        num_cond_latents = int(num_cond_latents or 0)
+        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents, kv_cache_dict, return_kv)
+        B, _, T, H, W = hidden_states.shape
+        ph, pw = self.patch_size[1:]
+        grid = (T, math.ceil(H / ph), math.ceil(W / pw))
+        dtype = self.dtype
+        ops = self.ops
+
+        if timestep.dim() == 1:
+            timestep = timestep.unsqueeze(1).expand(B, T)
+        x = self.x_embedder(hidden_states.to(dtype))  # [B, N, C]
+        # Upstream casts the timestep to the model dtype before embedding it in float32.
+        t = self.t_embedder(timestep.to(dtype).float().reshape(-1)).view(B, T, -1)
+        text, cu_seqlens_k = self._pack_text(encoder_hidden_states.to(dtype), encoder_attention_mask)
+
+        kv_out = {}
+        for i, block in enumerate(self.blocks):
+            cache = None
+            if kv_cache_dict:
+                k_c, v_c = kv_cache_dict[i]
+                cache = (k_c.to(x.device, non_blocking=True), v_c.to(x.device, non_blocking=True))
+            args = (x, t, text, cu_seqlens_k, grid, ops, num_cond_latents, return_kv, cache, skip_crs_attn)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                result = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                result = block(*args)
+            if return_kv:
+                x, (k, v) = result
+                kv_out[i] = (k.cpu(), v.cpu()) if offload_kv_cache else (k.contiguous(), v.contiguous())
+            else:
+                x = result
+
+        x = self.final_layer(x, t, ops)  # [B, N, p_t*p_h*p_w*C_out], float32
+        out = self.unpatchify(x, grid)[:, :, :, :H, :W].float()
+        return (out, kv_out) if return_kv else out
+
+    def unpatchify(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """[B, N, p_t*p_h*p_w*C_out] -> [B, C_out, T*p_t, H'*p_h, W'*p_w]."""
+        B = x.shape[0]
+        nt, nh, nw = grid
+        pt, ph, pw = self.patch_size
+        x = x.view(B, nt, nh, nw, pt, ph, pw, self.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(B, self.out_channels, nt * pt, nh * ph, nw * pw)

@@ -28,6 +28,7 @@ setup(
         "torch>=2.4",
         "triton>=3.2",
         "safetensors>=0.4",
+        "numpy",  # safetensors.torch.save_file needs it
         "nvidia-ml-py>=12.0",
     ],
     extras_require={

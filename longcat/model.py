@@ -21,6 +21,10 @@ from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS
 
 __all__ = [
     "LongCatVideoTransformer3DModel",
+    "block_forward",
+    "self_attention_forward",
+    "self_attention_with_kv_cache",
+    "cross_attention_forward",
     "LongCatBlock",
     "SelfAttention",
     "CrossAttention",
@@ -162,8 +166,8 @@ class FeedForwardSwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ops: DiTOps) -> torch.Tensor:
-        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def _bsa_kwargs(bsa_params: Optional[dict]) -> dict:
@@ -179,9 +183,154 @@ def _bsa_kwargs(bsa_params: Optional[dict]) -> dict:
     return out
 
 
+def _attend(attn, ops: DiTOps, q, k, v, grid, latent_t: int):
+    """Dense attention, or BSA where the module enables it (video only, as upstream: T > 1)."""
+    if getattr(attn, "enable_bsa", False) and latent_t > 1:
+        _, H, W = grid
+        shape_q = (q.shape[2] // (H * W), H, W)
+        shape_k = (k.shape[2] // (H * W), H, W)
+        return ops.block_sparse_attention(q, k, v, shape_q, shape_k, **_bsa_kwargs(attn.bsa_params))
+    return ops.dense_attention(q, k, v)
+
+
+def _project_qkv(attn, ops: DiTOps, x: torch.Tensor, grid, want_k_pre_rope: bool, rope: bool = True):
+    """qkv Linear, per-head RMSNorm of q and k, then (optionally) 3D RoPE; [B, heads, N, D] each."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x)
+    if rope and ops.qkv_norm_rope is not None:
+        return ops.qkv_norm_rope(
+            qkv, attn.q_norm.weight, attn.k_norm.weight, attn.num_heads, grid, 0, attn.q_norm.eps, want_k_pre_rope
+        )
+    q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q = ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps)
+    k = ops.rms_norm(k, attn.k_norm.weight, attn.k_norm.eps)
+    k_pre = k if want_k_pre_rope else None
+    if rope:
+        q = ops.rope_3d(q, grid, 0)
+        k = ops.rope_3d(k, grid, 0)
+    return (q, k, v, k_pre) if want_k_pre_rope else (q, k, v)
+
+
+def _merge_heads(attn, x: torch.Tensor) -> torch.Tensor:
+    B, heads, N, D = x.shape
+    return attn.proj(x.transpose(1, 2).reshape(B, N, heads * D))
+
+
+def self_attention_forward(attn, x, ops: DiTOps, grid, num_cond_latents: int = 0, return_kv: bool = False):
+    """Self-attention of a block's ``attn`` module (ours or upstream's: the same submodule names).
+    Condition tokens (the first ``num_cond_latents`` frames) attend to condition tokens only."""
+    T, H, W = grid
+    if return_kv:
+        q, k, v, k_pre = _project_qkv(attn, ops, x, grid, True)
+        kv = (k_pre.clone(), v.clone())
+    else:
+        q, k, v = _project_qkv(attn, ops, x, grid, False)
+    if num_cond_latents:
+        n_cond = num_cond_latents * H * W
+        out_cond = _attend(attn, ops, q[:, :, :n_cond], k[:, :, :n_cond], v[:, :, :n_cond], grid, T)
+        out_noise = _attend(attn, ops, q[:, :, n_cond:], k, v, grid, T)
+        out = torch.cat([out_cond, out_noise], dim=2)
+    else:
+        out = _attend(attn, ops, q, k, v, grid, T)
+    out = _merge_heads(attn, out)
+    return (out, kv) if return_kv else out
+
+
+def self_attention_with_kv_cache(attn, x, ops: DiTOps, grid, num_cond_latents: int, kv_cache):
+    """New frames attend to the cached condition frames and to themselves. The cache holds k
+    after the norm and before RoPE; RoPE runs on the grid (num_cond + T, H, W) and the queries
+    take the positions of the last T frames."""
+    T, H, W = grid
+    B = x.shape[0]
+    k_cache, v_cache = kv_cache
+    q, k, v = _project_qkv(attn, ops, x, grid, False, rope=False)
+    if k_cache.shape[0] == 1 and B > 1:
+        k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
+    k_full = ops.rope_3d(torch.cat([k_cache.to(k.dtype), k], dim=2), (num_cond_latents + T, H, W), 0)
+    v_full = torch.cat([v_cache.to(v.dtype), v], dim=2)
+    q = ops.rope_3d(q, grid, num_cond_latents)
+    return _merge_heads(attn, _attend(attn, ops, q, k_full, v_full, grid, T))
+
+
+def cross_attention_forward(cross, x, ops: DiTOps, text, cu_seqlens_k, num_skip_tokens: int = 0):
+    """Text cross-attention of a block's ``cross_attn`` module: x [B, N, C]; text [L_total, C]
+    packed with offsets ``cu_seqlens_k``; the first ``num_skip_tokens`` tokens of every sample
+    (condition frames) get no cross-attention (output 0, as upstream)."""
+    B, N, C = x.shape
+    xq = x[:, num_skip_tokens:] if num_skip_tokens else x
+    Nq = xq.shape[1]
+    q = cross.q_linear(xq).reshape(B * Nq, cross.num_heads, cross.head_dim)
+    k, v = cross.kv_linear(text).view(-1, 2, cross.num_heads, cross.head_dim).unbind(1)
+    q = ops.rms_norm(q, cross.q_norm.weight, cross.q_norm.eps)
+    k = ops.rms_norm(k, cross.k_norm.weight, cross.k_norm.eps)
+    cu_q = torch.arange(B + 1, device=x.device, dtype=torch.int32) * Nq
+    out = cross.proj(ops.varlen_attention(q, k, v, cu_q, cu_seqlens_k).reshape(B, Nq, C))
+    if num_skip_tokens:
+        out = torch.cat([out.new_zeros(B, num_skip_tokens, C), out], dim=1)
+    return out
+
+
+def block_forward(
+    block,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    text: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    grid: Tuple[int, int, int],
+    ops: DiTOps,
+    num_cond_latents: int = 0,
+    return_kv: bool = False,
+    kv_cache=None,
+    skip_crs_attn: bool = False,
+):
+    """One DiT block (ours or upstream's module tree): adaLN-modulated self-attention, text
+    cross-attention, adaLN-modulated SwiGLU FFN, each with its residual.
+
+    x [B, N, C]; t [B, T, C_t] float32 (one row per latent frame); text [L_total, C] packed.
+    """
+    T, H, W = grid
+    # [B, T, 6C] in float32: one modulation row per latent frame.
+    mod = fp32_linear(block.adaLN_modulation[1], F.silu(t.float()))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+
+    x_m = ops.layer_norm_modulate(x, shift_msa, scale_msa, None, None, NORM_EPS)
+    kv = None
+    if kv_cache is not None:
+        attn_out = self_attention_with_kv_cache(block.attn, x_m, ops, grid, num_cond_latents, kv_cache)
+    elif return_kv:
+        attn_out, kv = self_attention_forward(block.attn, x_m, ops, grid, num_cond_latents, return_kv=True)
+    else:
+        attn_out = self_attention_forward(block.attn, x_m, ops, grid, num_cond_latents)
+
+    norm = block.pre_crs_attn_norm
+    fused = ops.gated_residual_layer_norm
+    if skip_crs_attn:
+        if fused is not None:
+            x, x_m = fused(x, attn_out, gate_msa, shift_mlp, scale_mlp, None, None, NORM_EPS)
+        else:
+            x = ops.gated_residual(x, attn_out, gate_msa)
+            x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
+    else:
+        # With a KV cache every token of this call is a noise token and gets text attention.
+        n_skip = 0 if kv_cache is not None else num_cond_latents * H * W
+        if fused is not None:
+            x, normed = fused(x, attn_out, gate_msa, None, None, norm.weight, norm.bias, norm.eps)
+            cross_out = cross_attention_forward(block.cross_attn, normed, ops, text, cu_seqlens_k, n_skip)
+            x, x_m = fused(x, cross_out, None, shift_mlp, scale_mlp, None, None, NORM_EPS)
+        else:
+            x = ops.gated_residual(x, attn_out, gate_msa)
+            normed = ops.layer_norm_modulate(x, None, None, norm.weight, norm.bias, norm.eps)
+            x = x + cross_attention_forward(block.cross_attn, normed, ops, text, cu_seqlens_k, n_skip)
+            x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
+
+    ffn = block.ffn
+    x = ops.gated_residual(x, ffn.w2(ops.swiglu(ffn.w1(x_m), ffn.w3(x_m))), gate_mlp)
+    return (x, kv) if return_kv else x
+
+
 class SelfAttention(nn.Module):
     """3D self-attention: fused qkv, per-head q/k RMSNorm, 3D RoPE, dense or block-sparse
-    attention, output projection. Condition tokens attend to condition tokens only."""
+    attention, output projection (math in ``self_attention_forward``)."""
 
     def __init__(self, dim: int, num_heads: int, enable_bsa: bool = False, bsa_params: Optional[dict] = None):
         super().__init__()
@@ -195,75 +344,9 @@ class SelfAttention(nn.Module):
         self.enable_bsa = enable_bsa
         self.bsa_params = bsa_params
 
-    def _attend(self, ops: DiTOps, q, k, v, grid, latent_t: int):
-        """Dense attention, or BSA where it is enabled (video only, as upstream: T > 1)."""
-        if self.enable_bsa and latent_t > 1:
-            _, H, W = grid
-            shape_q = (q.shape[2] // (H * W), H, W)
-            shape_k = (k.shape[2] // (H * W), H, W)
-            return ops.block_sparse_attention(q, k, v, shape_q, shape_k, **_bsa_kwargs(self.bsa_params))
-        return ops.dense_attention(q, k, v)
-
-    def _qkv(self, ops: DiTOps, x: torch.Tensor, grid, frame_offset: int, want_k_pre_rope: bool, rope: bool = True):
-        B, N, C = x.shape
-        qkv = self.qkv(x)
-        if rope and ops.qkv_norm_rope is not None:
-            return ops.qkv_norm_rope(
-                qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, grid, frame_offset,
-                self.q_norm.eps, want_k_pre_rope,
-            )
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
-        k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        k_pre = k if want_k_pre_rope else None
-        if rope:
-            q = ops.rope_3d(q, grid, frame_offset)
-            k = ops.rope_3d(k, grid, frame_offset)
-        return (q, k, v, k_pre) if want_k_pre_rope else (q, k, v)
-
-    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, N, _ = x.shape
-        return self.proj(x.transpose(1, 2).reshape(B, N, self.dim))
-
-    def forward(self, x, ops: DiTOps, grid, num_cond_latents: int = 0, return_kv: bool = False):
-        T, H, W = grid
-        if return_kv:
-            q, k, v, k_pre = self._qkv(ops, x, grid, 0, True)
-            kv = (k_pre.clone(), v.clone())
-        else:
-            q, k, v = self._qkv(ops, x, grid, 0, False)
-        if num_cond_latents:
-            n_cond = num_cond_latents * H * W
-            kc, vc = k[:, :, :n_cond], v[:, :, :n_cond]
-            out_cond = self._attend(ops, q[:, :, :n_cond], kc, vc, grid, T)
-            out_noise = self._attend(ops, q[:, :, n_cond:], k, v, grid, T)
-            out = torch.cat([out_cond, out_noise], dim=2)
-        else:
-            out = self._attend(ops, q, k, v, grid, T)
-        out = self._merge_heads(out)
-        return (out, kv) if return_kv else out
-
-    def forward_with_kv_cache(self, x, ops: DiTOps, grid, num_cond_latents: int, kv_cache):
-        """New frames attend to the cached condition frames and to themselves. The cache holds
-        k after the norm and before RoPE; RoPE runs on the grid (num_cond + T, H, W) and the
-        queries take the positions of the last T frames."""
-        T, H, W = grid
-        B = x.shape[0]
-        k_cache, v_cache = kv_cache
-        q, k, v = self._qkv(ops, x, grid, 0, False, rope=False)
-        if k_cache.shape[0] == 1 and B > 1:
-            k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
-        full_grid = (num_cond_latents + T, H, W)
-        k_full = ops.rope_3d(torch.cat([k_cache.to(k.dtype), k], dim=2), full_grid, 0)
-        v_full = torch.cat([v_cache.to(v.dtype), v], dim=2)
-        q = ops.rope_3d(q, grid, num_cond_latents)
-        out = self._attend(ops, q, k_full, v_full, grid, T)
-        return self._merge_heads(out)
-
 
 class CrossAttention(nn.Module):
-    """Text cross-attention: each sample's queries attend to its own valid text tokens, packed
-    into one sequence (variable-length attention)."""
+    """Text cross-attention over each sample's valid tokens (math in ``cross_attention_forward``)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -274,27 +357,9 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
 
-    def forward(self, x, ops: DiTOps, text, cu_seqlens_k, num_skip_tokens: int = 0):
-        """x [B, N, C]; text [L_total, C] packed; the first ``num_skip_tokens`` tokens of every
-        sample (condition frames) get no cross-attention (output 0, as upstream)."""
-        B, N, C = x.shape
-        xq = x[:, num_skip_tokens:] if num_skip_tokens else x
-        Nq = xq.shape[1]
-        q = self.q_linear(xq).reshape(B * Nq, self.num_heads, self.head_dim)
-        k, v = self.kv_linear(text).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
-        q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
-        k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        cu_q = torch.arange(B + 1, device=x.device, dtype=torch.int32) * Nq
-        out = ops.varlen_attention(q, k, v, cu_q, cu_seqlens_k)
-        out = self.proj(out.reshape(B, Nq, C))
-        if num_skip_tokens:
-            out = torch.cat([out.new_zeros(B, num_skip_tokens, C), out], dim=1)
-        return out
-
 
 class LongCatBlock(nn.Module):
-    """One single-stream DiT block: adaLN-modulated self-attention, text cross-attention and
-    adaLN-modulated SwiGLU FFN, each with its residual."""
+    """One single-stream DiT block (math in ``block_forward``)."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio, adaln_tembed_dim, enable_bsa=False, bsa_params=None):
         super().__init__()
@@ -305,45 +370,8 @@ class LongCatBlock(nn.Module):
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.ffn = FeedForwardSwiGLU(hidden_size, ffn_hidden_size(hidden_size, mlp_ratio))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-        grid: Tuple[int, int, int],
-        ops: DiTOps,
-        num_cond_latents: int = 0,
-        return_kv: bool = False,
-        kv_cache=None,
-        skip_crs_attn: bool = False,
-    ):
-        T, H, W = grid
-        # [B, T, 6C] in float32: one modulation row per latent frame.
-        mod = fp32_linear(self.adaLN_modulation[1], F.silu(t.float()))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-
-        x_m = ops.layer_norm_modulate(x, shift_msa, scale_msa, None, None, NORM_EPS)
-        kv = None
-        if kv_cache is not None:
-            attn_out = self.attn.forward_with_kv_cache(x_m, ops, grid, num_cond_latents, kv_cache)
-        elif return_kv:
-            attn_out, kv = self.attn(x_m, ops, grid, num_cond_latents, return_kv=True)
-        else:
-            attn_out = self.attn(x_m, ops, grid, num_cond_latents)
-        x = ops.gated_residual(x, attn_out, gate_msa)
-
-        if not skip_crs_attn:
-            # With a KV cache every token of this call is a noise token and gets text attention.
-            n_skip = 0 if kv_cache is not None else num_cond_latents * H * W
-            normed = ops.layer_norm_modulate(
-                x, None, None, self.pre_crs_attn_norm.weight, self.pre_crs_attn_norm.bias, self.pre_crs_attn_norm.eps
-            )
-            x = x + self.cross_attn(normed, ops, text, cu_seqlens_k, n_skip)
-
-        x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
-        x = ops.gated_residual(x, self.ffn(x_m, ops), gate_mlp)
-        return (x, kv) if return_kv else x
+    def forward(self, x, t, text, cu_seqlens_k, grid, ops: DiTOps, num_cond_latents=0, return_kv=False, kv_cache=None, skip_crs_attn=False):
+        return block_forward(self, x, t, text, cu_seqlens_k, grid, ops, num_cond_latents, return_kv, kv_cache, skip_crs_attn)
 
 
 class FinalLayer(nn.Module):

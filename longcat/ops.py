@@ -36,7 +36,9 @@ class DiTOps:
     varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k) on packed [total, heads, D].
     Optional fused paths (None: the model composes the single ops above):
     qkv_norm_rope(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope)
-    -> (q, k, v[, k_pre_rope]) each [B, heads, N, D].
+    -> (q, k, v[, k_pre_rope]) each [B, heads, N, D];
+    gated_residual_layer_norm(x, y, gate, shift, scale, weight, bias, eps) -> (x + gate * y,
+    LayerNorm(-modulate) of it) in one pass (gate None: a plain add).
     """
 
     name: str
@@ -49,6 +51,7 @@ class DiTOps:
     block_sparse_attention: Callable
     varlen_attention: Callable
     qkv_norm_rope: Optional[Callable] = None
+    gated_residual_layer_norm: Optional[Callable] = None
 
     def replace(self, **changes) -> "DiTOps":
         return dataclasses.replace(self, **changes)

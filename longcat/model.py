@@ -324,7 +324,18 @@ def block_forward(
             x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
 
     ffn = block.ffn
-    x = ops.gated_residual(x, ffn.w2(ops.swiglu(ffn.w1(x_m), ffn.w3(x_m))), gate_mlp)
+    chunk = ops.ffn_chunk_frames
+    if chunk and chunk < T and not torch.is_grad_enabled():
+        # Frame chunks: each chunk reads and writes only its own tokens of x (a tensor this block
+        # made), so the residual can be written in place.
+        L = x.shape[1] // T
+        for f0 in range(0, T, chunk):
+            f1 = min(T, f0 + chunk)
+            xs = x[:, f0 * L: f1 * L]
+            ms = x_m[:, f0 * L: f1 * L]
+            xs.copy_(ops.gated_residual(xs, ffn.w2(ops.swiglu(ffn.w1(ms), ffn.w3(ms))), gate_mlp[:, f0:f1]))
+    else:
+        x = ops.gated_residual(x, ffn.w2(ops.swiglu(ffn.w1(x_m), ffn.w3(x_m))), gate_mlp)
     return (x, kv) if return_kv else x
 
 

@@ -21,7 +21,7 @@ from longcat.kernels.residual import gated_residual_reference
 from longcat.kernels.rope import rms_norm_reference, rope_3d_reference
 from longcat.kernels.swiglu import swiglu_reference
 
-__all__ = ["DiTOps", "REFERENCE_OPS", "SDPA_OPS", "sdpa_attention", "sdpa_varlen_attention"]
+__all__ = ["DiTOps", "REFERENCE_OPS", "SDPA_OPS", "ATTENTION_BACKENDS", "kernel_ops", "sdpa_attention", "sdpa_varlen_attention"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class DiTOps:
     varlen_attention: Callable
     qkv_norm_rope: Optional[Callable] = None
     gated_residual_layer_norm: Optional[Callable] = None
+    # Run the FFN (modulate, w1/w3, SwiGLU, w2, residual) this many latent frames at a time, so
+    # the [N, ffn_hidden] intermediates never exist for the whole sequence (inference only).
+    ffn_chunk_frames: Optional[int] = None
 
     def replace(self, **changes) -> "DiTOps":
         return dataclasses.replace(self, **changes)
@@ -92,3 +95,75 @@ REFERENCE_OPS = DiTOps(
 # Reference element-wise math with PyTorch's fused attention: the fair "unaccelerated" baseline
 # at real sizes, where the explicit-softmax reference attention does not fit in memory.
 SDPA_OPS = REFERENCE_OPS.replace(name="sdpa", dense_attention=sdpa_attention, varlen_attention=sdpa_varlen_attention)
+
+
+ATTENTION_BACKENDS = ("auto", "bsa", "dense", "sdpa", "reference")
+
+
+def kernel_ops(attention: str = "auto", fused: bool = True, ffn_chunk_frames: Optional[int] = None) -> DiTOps:
+    """The op table for an attention backend and fused/unfused element-wise ops.
+
+    attention:
+      "bsa"       Triton block-sparse attention where a block enables BSA, Triton dense elsewhere;
+      "dense"     Triton dense attention everywhere (BSA flags ignored);
+      "sdpa"      PyTorch SDPA for dense attention, the reference op for BSA;
+      "reference" the plain-PyTorch reference ops (exact math; small sizes only);
+      "auto"      "bsa".
+    Text cross-attention uses the Triton varlen kernel with "bsa"/"dense", SDPA per sample with
+    "sdpa". fused: Triton kernels for LayerNorm-modulate, gated residual (+ the following norm),
+    RMSNorm + RoPE and SwiGLU; otherwise the reference element-wise ops.
+    """
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    if attention == "auto":
+        attention = "bsa"
+    base = {"sdpa": SDPA_OPS}.get(attention, REFERENCE_OPS)
+    changes = {}
+    if attention in ("bsa", "dense"):
+        from longcat.kernels import attention as attn_kernels
+
+        def dense(q, k, v):
+            return attn_kernels.dense_attention(q, k, v)
+
+        def varlen(q, k, v, cu_q, cu_k):
+            return attn_kernels.varlen_attention(q, k, v, cu_q, cu_k)
+
+        if attention == "bsa":
+            def block_sparse(q, k, v, shape_q, shape_k, sparsity=0.875, cdf_threshold=None, tile=(4, 4, 8)):
+                return attn_kernels.block_sparse_attention(
+                    q, k, v, shape_q, shape_k, sparsity=sparsity, cdf_threshold=cdf_threshold, tile=tile
+                )
+        else:
+            def block_sparse(q, k, v, shape_q, shape_k, **_bsa):
+                return attn_kernels.dense_attention(q, k, v)
+
+        changes.update(dense_attention=dense, varlen_attention=varlen, block_sparse_attention=block_sparse)
+    if fused:
+        from longcat.kernels.modulate import layer_norm_modulate
+        from longcat.kernels.qkv_prep import qkv_norm_rope
+        from longcat.kernels.residual import gated_residual, gated_residual_layer_norm
+        from longcat.kernels.rope import rms_norm, rope_3d
+        from longcat.kernels.swiglu import swiglu
+
+        def fused_qkv(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope):
+            return qkv_norm_rope(
+                qkv, q_weight, k_weight, num_heads, grid, frame_offset=frame_offset, eps=eps,
+                return_k_pre_rope=return_k_pre_rope,
+            )
+
+        def fused_residual_norm(x, y, gate, shift, scale, weight, bias, eps):
+            return gated_residual_layer_norm(x, y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias, eps=eps)
+
+        changes.update(
+            layer_norm_modulate=lambda x, shift, scale, weight, bias, eps: layer_norm_modulate(
+                x, shift, scale, weight=weight, bias=bias, eps=eps
+            ),
+            gated_residual=gated_residual,
+            rms_norm=rms_norm,
+            rope_3d=rope_3d,
+            swiglu=swiglu,
+            qkv_norm_rope=fused_qkv,
+            gated_residual_layer_norm=fused_residual_norm,
+        )
+    name = f"{attention}+{'fused' if fused else 'unfused'}"
+    return base.replace(name=name, ffn_chunk_frames=ffn_chunk_frames, **changes)

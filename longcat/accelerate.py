@@ -1,0 +1,237 @@
+"""``longcat.accelerate(model)``: make a live LongCat-Video DiT fast and small in one call.
+
+Works on our ``LongCatVideoTransformer3DModel`` and on an upstream LongCat-Video DiT instance,
+recognised by its module tree (DESIGN.md section 3: ``blocks[i].adaLN_modulation``,
+``attn.qkv/q_norm/k_norm/proj``, ``cross_attn.q_linear/kv_linear/q_norm/k_norm/proj``,
+``ffn.w1/w2/w3``, ``pre_crs_attn_norm``); no upstream code is imported. Every check runs before
+anything is changed, so a model that is not recognised is left untouched.
+
+The patch is recorded on the model: calling ``accelerate`` again first undoes the previous patch
+(so it is idempotent), and ``longcat.restore(model)`` undoes it.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .model import LongCatVideoTransformer3DModel, block_forward
+from .ops import ATTENTION_BACKENDS, DiTOps, SDPA_OPS, kernel_ops
+
+__all__ = ["accelerate", "restore", "AccelerationReport", "UnsupportedModelError", "recognise"]
+
+_STATE_ATTR = "_longcat_acceleration"
+
+BLOCK_STRUCTURE = {
+    "adaLN_modulation": ("1",),
+    "attn": ("qkv", "q_norm", "k_norm", "proj"),
+    "cross_attn": ("q_linear", "kv_linear", "q_norm", "k_norm", "proj"),
+    "ffn": ("w1", "w2", "w3"),
+    "pre_crs_attn_norm": (),
+}
+MODEL_STRUCTURE = ("x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer")
+
+
+class UnsupportedModelError(TypeError):
+    """The model's structure is not a LongCat-Video DiT this toolkit can patch."""
+
+
+@dataclass
+class AccelerationReport:
+    kind: str  # "longcat" or "upstream"
+    ops: str
+    blocks_patched: int
+    bsa_blocks: int
+    quantized_linears: int = 0
+    quantization: Optional[str] = None
+    offload: Optional[str] = None
+    compiled: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"longcat.accelerate: {self.kind} model, {self.blocks_patched} blocks on ops '{self.ops}'",
+            f"  block-sparse attention enabled in {self.bsa_blocks} blocks",
+            f"  quantized Linear layers: {self.quantized_linears}" + (f" ({self.quantization})" if self.quantization else ""),
+            f"  offload: {self.offload or 'none'}; torch.compile: {'yes' if self.compiled else 'no'}",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def recognise(model: nn.Module) -> str:
+    """'longcat' for our class, 'upstream' for a module tree with upstream's structure; raises
+    UnsupportedModelError naming what is missing otherwise."""
+    if isinstance(model, LongCatVideoTransformer3DModel):
+        return "longcat"
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    missing = [name for name in MODEL_STRUCTURE if not hasattr(model, name)]
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        missing.append("blocks (a non-empty nn.ModuleList)")
+    else:
+        for i, block in enumerate(blocks):
+            for child, grandchildren in BLOCK_STRUCTURE.items():
+                sub = getattr(block, child, None)
+                if sub is None:
+                    missing.append(f"blocks.{i}.{child}")
+                    continue
+                for g in grandchildren:
+                    if not hasattr(sub, g) and not (isinstance(sub, nn.Sequential) and g.isdigit() and int(g) < len(sub)):
+                        missing.append(f"blocks.{i}.{child}.{g}")
+            for attr in ("num_heads", "head_dim"):
+                for child in ("attn", "cross_attn"):
+                    if hasattr(block, child) and not hasattr(getattr(block, child), attr):
+                        missing.append(f"blocks.{i}.{child}.{attr}")
+            if missing:
+                break
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a LongCat-Video DiT this toolkit recognises; missing: {', '.join(missing[:10])}"
+        )
+    return "upstream"
+
+
+def _upstream_block_forward(block, x, y, t, y_seqlen, latent_shape, num_cond_latents=None, return_kv=False, kv_cache=None, skip_crs_attn=False):
+    """Upstream's block calling convention (text packed as [1, L_total, C] plus a list of
+    per-sample lengths) mapped onto ``block_forward``."""
+    text = y.reshape(-1, y.shape[-1])
+    lengths = torch.as_tensor(list(y_seqlen), dtype=torch.int32, device=x.device)
+    cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    if kv_cache is not None:
+        kv_cache = (kv_cache[0].to(x.device), kv_cache[1].to(x.device))
+    return block_forward(
+        block, x, t, text, cu, tuple(int(s) for s in latent_shape), block._longcat_ops,
+        int(num_cond_latents or 0), return_kv, kv_cache, skip_crs_attn,
+    )
+
+
+def _set_bsa(model, bsa) -> None:
+    if bsa is None:
+        return
+    for block in model.blocks:
+        if isinstance(bsa, dict):
+            block.attn.bsa_params = dict(bsa)
+            block.attn.enable_bsa = True
+        else:
+            block.attn.enable_bsa = bool(bsa)
+
+
+def accelerate(
+    model: nn.Module,
+    *,
+    attention: str = "auto",
+    quantize: Union[None, str, object] = None,
+    fused: bool = True,
+    bsa: Union[None, bool, dict] = None,
+    offload: Optional[str] = None,
+    compile: bool = False,
+    ffn_chunk_frames: Optional[int] = None,
+    ops: Optional[DiTOps] = None,
+    verbose: bool = False,
+) -> nn.Module:
+    """Patch ``model`` in place and return it.
+
+    attention: "auto" | "bsa" | "dense" | "sdpa" | "reference" (see ``longcat.ops.kernel_ops``);
+        BSA runs where a block enables it (upstream's ``enable_bsa()``/``disable_bsa()`` keep working).
+    quantize: None, "int8", "fp8", "int8-dynamic", "fp8-dynamic" or a ``longcat.quant`` config.
+    fused: Triton fused element-wise ops (LayerNorm-modulate, residual + norm, QK-norm + RoPE, SwiGLU).
+    bsa: None keeps each block's setting; True/False enables/disables BSA; a dict sets
+        ``bsa_params`` (upstream keys: sparsity, cdf_threshold, chunk_3d_shape_q/k) and enables it.
+    offload: None, or "blocks": block weights stay in pinned CPU memory and each block is copied to
+        the GPU just before it runs, the next one prefetched on a side stream.
+    compile: wrap each block's forward in ``torch.compile``.
+    ffn_chunk_frames: run the FFN this many latent frames at a time (lower activation peak).
+    ops: an explicit op table (overrides attention/fused).
+    """
+    kind = recognise(model)
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    if offload not in (None, "blocks"):
+        raise ValueError(f"offload must be None or 'blocks', got {offload!r}")
+    if bsa is not None and not isinstance(bsa, (bool, dict)):
+        raise TypeError(f"bsa must be None, a bool or a dict of bsa_params, got {type(bsa).__name__}")
+    if ops is None:
+        ops = kernel_ops(attention, fused, ffn_chunk_frames)
+    elif not isinstance(ops, DiTOps):
+        raise TypeError(f"ops must be a longcat.ops.DiTOps, got {type(ops).__name__}")
+    if isinstance(bsa, dict):
+        from .model import _bsa_kwargs
+
+        _bsa_kwargs(bsa)  # validate before changing anything
+    if quantize is not None:
+        from longcat.quant import resolve_config
+
+        resolve_config(quantize)  # validate before changing anything
+
+    if getattr(model, _STATE_ATTR, None) is not None:
+        restore(model)
+
+    state = {"kind": kind, "ops_before": getattr(model, "ops", None), "bsa_before": [(b.attn.enable_bsa, b.attn.bsa_params) for b in model.blocks], "offload": None}
+    _set_bsa(model, bsa)
+    if kind == "longcat":
+        model.set_ops(ops)
+    for block in model.blocks:
+        block._longcat_ops = ops
+        if kind == "upstream":
+            block.forward = types.MethodType(_upstream_block_forward, block)
+    report = AccelerationReport(kind=kind, ops=ops.name, blocks_patched=len(model.blocks),
+                                bsa_blocks=sum(bool(b.attn.enable_bsa) for b in model.blocks))
+    if quantize is not None:
+        from longcat.quant import quantize as quantize_model
+
+        quantize_model(model, quantize)
+        report.quantized_linears = sum(type(m).__name__ == "QuantizedLinear" for m in model.modules())
+        report.quantization = quantize if isinstance(quantize, str) else type(quantize).__name__
+        state["quantized"] = True
+    if offload == "blocks":
+        from .offload import BlockOffloader
+
+        state["offload"] = BlockOffloader(model.blocks)
+        report.offload = "blocks"
+    if compile:
+        for block in model.blocks:
+            block._longcat_eager_forward = block.forward
+            block.forward = torch.compile(block.forward, dynamic=False)
+        report.compiled = True
+    if kind == "upstream" and getattr(model, "cp_split_hw", None) and model.cp_split_hw[0] * model.cp_split_hw[1] > 1:
+        report.notes.append("cp_split_hw > 1: spatial context parallelism is not handled by the patched blocks")
+    state["report"] = report
+    setattr(model, _STATE_ATTR, state)
+    if verbose:
+        print(report)
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``accelerate``: op table, block forwards, BSA flags, offload hooks. Quantized Linear
+    layers are turned back into ``nn.Linear`` holding their dequantised weights (the original
+    float weights are not kept, so this step is lossy)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    if state.get("offload") is not None:
+        state["offload"].remove()
+    for block, (enabled, params) in zip(model.blocks, state["bsa_before"]):
+        for attr in ("forward", "_longcat_eager_forward", "_longcat_ops"):
+            if attr in vars(block):
+                delattr(block, attr)
+        block.attn.enable_bsa, block.attn.bsa_params = enabled, params
+    if state["kind"] == "longcat":
+        model.set_ops(state["ops_before"] or SDPA_OPS)
+    if state.get("quantized"):
+        from longcat.quant import dequantize
+
+        dequantize(model)
+    setattr(model, _STATE_ATTR, None)
+    return model
+
+
+def acceleration_report(model: nn.Module) -> Optional[AccelerationReport]:
+    """What ``accelerate`` replaced in ``model`` (None if it is not accelerated)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state["report"]

@@ -13,6 +13,7 @@ if _os.path.isfile(_os.path.join(_checkout_root, "kernels", "_runtime.py")) and 
     __path__.append(_checkout_root)
 
 from .model import LongCatVideoTransformer3DModel  # noqa: E402
+from .accelerate import accelerate, acceleration_report, restore  # noqa: E402
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS  # noqa: E402
 from .presets import PRESETS, get_preset  # noqa: E402
 
@@ -20,6 +21,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LongCatVideoTransformer3DModel",
+    "accelerate",
+    "acceleration_report",
+    "restore",
     "DiTOps",
     "REFERENCE_OPS",
     "SDPA_OPS",

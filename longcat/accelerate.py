@@ -224,11 +224,24 @@ def restore(model: nn.Module) -> nn.Module:
     if state["kind"] == "longcat":
         model.set_ops(state["ops_before"] or SDPA_OPS)
     if state.get("quantized"):
-        from longcat.quant import dequantize
-
-        dequantize(model)
+        _dequantize_linears(model)
     setattr(model, _STATE_ATTR, None)
     return model
+
+
+def _dequantize_linears(model: nn.Module) -> None:
+    """Replace every QuantizedLinear by an nn.Linear holding its dequantised weight."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "QuantizedLinear":
+            continue
+        bias = module.bias
+        lin = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(module.dequantized_weight(dtype), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
 
 
 def acceleration_report(model: nn.Module) -> Optional[AccelerationReport]:

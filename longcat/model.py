@@ -395,8 +395,18 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ops: DiTOps) -> torch.Tensor:
         shift, scale = fp32_linear(self.adaLN_modulation[1], F.silu(t.float())).chunk(2, dim=-1)
-        x = ops.layer_norm_modulate(x.float(), shift, scale, None, None, NORM_EPS)
-        return fp32_linear(self.linear, x)
+        T = t.shape[1]
+        chunk = ops.ffn_chunk_frames
+        if not chunk or chunk >= T or torch.is_grad_enabled():
+            return fp32_linear(self.linear, ops.layer_norm_modulate(x.float(), shift, scale, None, None, NORM_EPS))
+        # Frame chunks: the float32 copies of the hidden states exist for a few frames at a time.
+        L = x.shape[1] // T
+        outs = []
+        for f0 in range(0, T, chunk):
+            f1 = min(T, f0 + chunk)
+            xs = x[:, f0 * L: f1 * L].float()
+            outs.append(fp32_linear(self.linear, ops.layer_norm_modulate(xs, shift[:, f0:f1], scale[:, f0:f1], None, None, NORM_EPS)))
+        return torch.cat(outs, dim=1)
 
 
 class LongCatVideoTransformer3DModel(nn.Module):

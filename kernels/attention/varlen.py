@@ -59,3 +59,143 @@ def varlen_attention_reference(
         lses.append(l.transpose(0, 1))
     out = torch.cat(outs, dim=0)
     return (out, torch.cat(lses, dim=0)) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path: launcher, custom op (forward + backward), public function
+# ---------------------------------------------------------------------------------------------
+
+from .._runtime import fallback_warning, triton_runs_on  # noqa: E402
+from ._common import bwd_delta, check_kernel_inputs, flash_backward, flash_forward, last_dim_contiguous  # noqa: E402
+
+__all__ += ["varlen_attention"]
+
+
+def _varlen_forward_launch(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    total_q, H, D = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((total_q, H), dtype=torch.float32, device=q.device)
+    batch = cu_q.numel() - 1
+    if total_q == 0:
+        return out, lse
+    flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, "shd", batch, H, max_q, max_k, varlen=True)
+    return out, lse
+
+
+def _varlen_backward_launch(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    total_q, H, D = q.shape
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if total_q == 0 or k.shape[0] == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    batch = cu_q.numel() - 1
+    delta = bwd_delta(out, grad_out, grad_lse, lse, "shd", 1, H, total_q, D)
+    flash_backward(grad_out, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, scale, "shd", batch, H,
+                   max_q, max_k, varlen=True)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("longcat::varlen_attention", mutates_args=())
+def _varlen_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _varlen_forward_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("longcat::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _varlen_backward_launch(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q, max_seqlen_k, scale)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = (max_q, max_k, scale)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _varlen_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_varlen_attention_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Checks that need no host sync (the offsets' values are checked only when we read them)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=3)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, ndim=1, dtypes=(torch.int32, torch.int64))
+        if cu.numel() < 2:
+            raise ValueError(f"{name} must hold batch + 1 >= 2 offsets, got {cu.numel()}")
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if k.shape != v.shape or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [total, heads, D]")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same batch size")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Attention over packed variable-length samples (differentiable).
+
+    q: [total_q, heads, D]; k, v: [total_k, heads, D] (any strides with a contiguous last
+    dimension); cu_seqlens_q/k: int32 or int64 [B + 1] offsets. Sample i's queries
+    ``q[cu_q[i]:cu_q[i+1]]`` attend to its keys ``k[cu_k[i]:cu_k[i+1]]`` only; a sample with no
+    keys gets output 0 and lse -inf. Give ``max_seqlen_q``/``max_seqlen_k`` (upper bounds of the
+    per-sample lengths) to avoid a device-to-host sync; without them they are read from the
+    offsets, which are then also validated. Returns out [total_q, heads, D] (contiguous) and,
+    if ``return_lse``, lse [total_q, heads] float32.
+    """
+    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not triton_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        fallback_warning("varlen_attention")
+        return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, return_lse=return_lse)
+    check_kernel_inputs(q.shape[-1], q=q, k=k, v=v)
+    if max_seqlen_q is None or max_seqlen_k is None:
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item())
+    out, lse = _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                    float(scale))
+    return (out, lse) if return_lse else out

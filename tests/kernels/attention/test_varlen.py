@@ -1,0 +1,105 @@
+"""Variable-length (packed) attention (Triton) against the float64 reference: empty samples,
+host-sync-free max_seqlen, gradients, strided views, validation."""
+import pytest
+import torch
+
+from oracle import assert_by_rule
+
+from longcat.kernels.attention import varlen_attention, varlen_attention_reference
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAD_ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _cu(lengths, device="cpu", dtype=torch.int32):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=dtype, device=device)
+
+
+def _packed(gen, q_lens, k_lens, H, D, dtype, device="cpu"):
+    q = torch.randn((sum(q_lens), H, D), generator=gen).to(device=device, dtype=dtype)
+    kv = torch.randn((sum(k_lens), 2, H, D), generator=gen).to(device=device, dtype=dtype)
+    return q, kv[:, 0], kv[:, 1]  # k, v are strided views of one packed kv tensor
+
+
+def _finite_lse(lse):
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _check_against_oracle(q, k, v, cu_q, cu_k, max_q=None, max_k=None, grads=True):
+    dtype = q.dtype
+    leaves = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
+    out, lse = varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, return_lse=True)
+    lowp = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
+    out_lowp, lse_lowp = varlen_attention_reference(*lowp, cu_q, cu_k, return_lse=True)
+    exact = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+    out_ref, lse_ref = varlen_attention_reference(*exact, cu_q, cu_k, return_lse=True)
+    assert_by_rule(out, out_lowp, out_ref, atol=ATOL[dtype])
+    # samples without keys: lse exactly -inf, output exactly 0
+    empty = torch.isinf(lse_ref)
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all()
+    assert (out[empty] == 0).all()
+    assert_by_rule(_finite_lse(lse), _finite_lse(lse_lowp), _finite_lse(lse_ref), atol=1e-5)
+    if not grads:
+        return
+    gen = torch.Generator().manual_seed(7)
+    d_out = torch.randn(out.shape, generator=gen).to(out.device)
+    d_lse = torch.randn(lse.shape, generator=gen).to(out.device)
+    for o, l, ts in ((out, lse, leaves), (out_lowp, lse_lowp, lowp), (out_ref, lse_ref, exact)):
+        ((o.double() * d_out.double()).sum() + (_finite_lse(l).double() * d_lse.double()).sum()).backward()
+    for name, t, t_lowp, t_ref in zip("qkv", leaves, lowp, exact):
+        assert_by_rule(t.grad, t_lowp.grad, t_ref.grad, atol=GRAD_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_backward_with_empty_samples(gen, dtype):
+    # sample 1 has queries but no keys (empty text), sample 2 keys but no queries
+    q_lens, k_lens = [37, 21, 0, 70], [20, 0, 9, 75]
+    q, k, v = _packed(gen, q_lens, k_lens, 2, 64, dtype)
+    _check_against_oracle(q, k, v, _cu(q_lens), _cu(k_lens))
+
+
+def test_max_seqlen_given_and_int64_offsets(gen):
+    """With max_seqlen given there is no host sync; an upper bound larger than needed is fine."""
+    q_lens, k_lens = [5, 66, 17], [40, 3, 90]
+    q, k, v = _packed(gen, q_lens, k_lens, 1, 32, torch.float32)
+    cu_q, cu_k = _cu(q_lens, dtype=torch.int64), _cu(k_lens, dtype=torch.int64)
+    _check_against_oracle(q, k, v, cu_q, cu_k, max_q=66, max_k=90)
+    loose = varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=200, max_seqlen_k=128)
+    assert torch.equal(loose, varlen_attention(q, k, v, cu_q, cu_k))
+
+
+def test_single_sample_equals_dense(gen):
+    from longcat.kernels.attention import dense_attention
+
+    q, k, v = _packed(gen, [45], [30], 2, 32, torch.float32)
+    out = varlen_attention(q, k, v, _cu([45]), _cu([30]), scale=0.2)
+    dense = dense_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), scale=0.2)
+    assert torch.allclose(out, dense[0].transpose(0, 1), atol=1e-6)
+
+
+def test_rejects_bad_inputs(gen):
+    q, k, v = _packed(gen, [4, 4], [3, 5], 1, 32, torch.float32)
+    cu_q, cu_k = _cu([4, 4]), _cu([3, 5])
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+        varlen_attention(q, k, v, cu_q + 1, cu_k)
+    with pytest.raises(ValueError, match="end at the packed length"):
+        varlen_attention(q, k, v, _cu([4, 3]), cu_k)
+    with pytest.raises(ValueError, match="same batch size"):
+        varlen_attention(q, k, v, cu_q, _cu([3, 5, 0]))
+    with pytest.raises(TypeError, match="cu_seqlens_k has dtype float32"):
+        varlen_attention(q, k, v, cu_q, cu_k.float())
+    with pytest.raises(TypeError, match="share a dtype"):
+        varlen_attention(q, k.half(), v, cu_q, cu_k)
+    with pytest.raises(ValueError, match="head_dim 24"):
+        varlen_attention(q[..., :24], k[..., :24], v[..., :24], cu_q, cu_k)
+    with pytest.raises(ValueError, match=r"must be \[total, heads, D\]"):
+        varlen_attention(q, k[:, :, :16], v, cu_q, cu_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_text_cross_attention_shapes(gen, dtype):
+    """Video queries against per-sample packed text keys, as the DiT's cross-attention."""
+    q_lens, k_lens = [1500, 1500], [0, 226]
+    q, k, v = _packed(gen, q_lens, k_lens, 4, 128, dtype, "cuda")
+    _check_against_oracle(q, k, v, _cu(q_lens, "cuda"), _cu(k_lens, "cuda"), max_q=1500, max_k=226)

@@ -169,3 +169,22 @@ def test_bad_arguments(weights):
     with pytest.raises(ValueError, match="unknown keys"):
         accelerate(m, bsa={"sparsity": 0.5, "chunk": 3})
     assert acceleration_report(m) is None
+
+
+@pytest.mark.parametrize("attention", ["bsa", "dense"])
+def test_triton_attention_backends(weights, gen, attention):
+    """Triton BSA where blocks enable it (Triton dense elsewhere), or Triton dense everywhere."""
+    x, t, y, mask = _inputs(gen, T=4, H=8, W=8)
+    params = {"sparsity": 0.5, "chunk_3d_shape_q": [2, 2, 2], "chunk_3d_shape_k": [2, 2, 2]}
+    ref = _ours(weights)
+    ref.blocks[0].attn.enable_bsa, ref.blocks[0].attn.bsa_params = True, params
+    up = _upstream(weights)
+    up.blocks[0].attn.enable_bsa, up.blocks[0].attn.bsa_params = True, params
+    accelerate(up, attention=attention, fused=True)
+    with torch.no_grad():
+        expected = ref(x, t, y, mask)
+        got = up(x, t, y, mask)
+        if attention == "dense":
+            ref.blocks[0].attn.enable_bsa = False
+            expected = ref(x, t, y, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)

@@ -70,3 +70,19 @@ def test_kv_cache_batch_one_broadcasts(golden):
                     num_cond_latents=n_cond, kv_cache_dict=cache)
     torch.testing.assert_close(out[0], out[1])
     assert_rel_close(out[:1], io["out_kvcache"][:1], 1e-4)
+
+
+def test_golden_through_triton_kernels(golden):
+    """The whole model on the Triton kernels (attention + fused ops) still reproduces upstream."""
+    from longcat.ops import kernel_ops
+
+    model, io, meta = golden
+    model.set_ops(kernel_ops("bsa", fused=True))
+    n_cond = meta["num_cond_latents"]
+    with torch.no_grad():
+        out = model(io["x"], io["t"], io["y"], io["mask"])
+        _, cache = model(io["x"][:, :, :n_cond], torch.zeros(2, n_cond), io["y"], io["mask"], return_kv=True, skip_crs_attn=True)
+        out_kv = model(io["x"][:, :, n_cond:], io["t"], io["y"], io["mask"], num_cond_latents=n_cond, kv_cache_dict=cache)
+    model.set_ops(longcat.SDPA_OPS)
+    assert_rel_close(out, io["out_t2v"], 1e-4)
+    assert_rel_close(out_kv, io["out_kvcache"], 1e-4)

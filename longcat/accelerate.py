@@ -129,7 +129,7 @@ def accelerate(
     fused: bool = True,
     bsa: Union[None, bool, dict] = None,
     offload: Optional[str] = None,
-    compile: bool = False,
+    compile: Union[bool, dict] = False,
     ffn_chunk_frames: Optional[int] = None,
     ops: Optional[DiTOps] = None,
     verbose: bool = False,
@@ -144,7 +144,8 @@ def accelerate(
         ``bsa_params`` (upstream keys: sparsity, cdf_threshold, chunk_3d_shape_q/k) and enables it.
     offload: None, or "blocks": block weights stay in pinned CPU memory and each block is copied to
         the GPU just before it runs, the next one prefetched on a side stream.
-    compile: wrap each block's forward in ``torch.compile``.
+    compile: wrap each block's forward in ``torch.compile`` (True, or a dict of torch.compile
+        keyword arguments such as ``{"backend": "aot_eager", "fullgraph": True}``).
     ffn_chunk_frames: run the FFN this many latent frames at a time (lower activation peak).
     ops: an explicit op table (overrides attention/fused).
     """
@@ -194,9 +195,10 @@ def accelerate(
         state["offload"] = BlockOffloader(model.blocks)
         report.offload = "blocks"
     if compile:
+        options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
         for block in model.blocks:
             block._longcat_eager_forward = block.forward
-            block.forward = torch.compile(block.forward, dynamic=False)
+            block.forward = torch.compile(block.forward, **options)
         report.compiled = True
     if kind == "upstream" and getattr(model, "cp_split_hw", None) and model.cp_split_hw[0] * model.cp_split_hw[1] > 1:
         report.notes.append("cp_split_hw > 1: spatial context parallelism is not handled by the patched blocks")

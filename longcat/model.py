@@ -264,7 +264,8 @@ def cross_attention_forward(cross, x, ops: DiTOps, text, cu_seqlens_k, num_skip_
     q = ops.rms_norm(q, cross.q_norm.weight, cross.q_norm.eps)
     k = ops.rms_norm(k, cross.k_norm.weight, cross.k_norm.eps)
     cu_q = torch.arange(B + 1, device=x.device, dtype=torch.int32) * Nq
-    out = cross.proj(ops.varlen_attention(q, k, v, cu_q, cu_seqlens_k).reshape(B, Nq, C))
+    # Static upper bounds for the sequence lengths: no host sync, no graph break under torch.compile.
+    out = cross.proj(ops.varlen_attention(q, k, v, cu_q, cu_seqlens_k, Nq, text.shape[0]).reshape(B, Nq, C))
     if num_skip_tokens:
         out = torch.cat([out.new_zeros(B, num_skip_tokens, C), out], dim=1)
     return out

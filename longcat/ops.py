@@ -33,7 +33,8 @@ class DiTOps:
     rms_norm(x, weight, eps); rope_3d(x, grid, frame_offset); swiglu(a, b)
     dense_attention(q, k, v) and block_sparse_attention(q, k, v, latent_shape_q, latent_shape_k,
     sparsity=, cdf_threshold=, tile=) on [B, heads, S, D];
-    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k) on packed [total, heads, D].
+    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on packed
+    [total, heads, D] (the max lengths are upper bounds known without reading the offsets).
     Optional fused paths (None: the model composes the single ops above):
     qkv_norm_rope(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope)
     -> (q, k, v[, k_pre_rope]) each [B, heads, N, D];
@@ -65,7 +66,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k) -> torch.Tensor:
+def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None) -> torch.Tensor:
     """Packed cross-attention with one SDPA call per sample (what a model without flash-attn's
     varlen kernel does). Samples with no keys give 0."""
     out = torch.zeros_like(q)
@@ -80,6 +81,10 @@ def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k) -> torch.Tensor:
     return out
 
 
+def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None):
+    return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k)
+
+
 REFERENCE_OPS = DiTOps(
     name="reference",
     layer_norm_modulate=layer_norm_modulate_reference,
@@ -89,7 +94,7 @@ REFERENCE_OPS = DiTOps(
     swiglu=swiglu_reference,
     dense_attention=dense_attention_reference,
     block_sparse_attention=block_sparse_attention_reference,
-    varlen_attention=varlen_attention_reference,
+    varlen_attention=reference_varlen_attention,
 )
 
 # Reference element-wise math with PyTorch's fused attention: the fair "unaccelerated" baseline
@@ -125,8 +130,8 @@ def kernel_ops(attention: str = "auto", fused: bool = True, ffn_chunk_frames: Op
         def dense(q, k, v):
             return attn_kernels.dense_attention(q, k, v)
 
-        def varlen(q, k, v, cu_q, cu_k):
-            return attn_kernels.varlen_attention(q, k, v, cu_q, cu_k)
+        def varlen(q, k, v, cu_q, cu_k, max_q=None, max_k=None):
+            return attn_kernels.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
 
         if attention == "bsa":
             def block_sparse(q, k, v, shape_q, shape_k, sparsity=0.875, cdf_threshold=None, tile=(4, 4, 8)):

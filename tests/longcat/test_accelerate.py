@@ -188,3 +188,19 @@ def test_triton_attention_backends(weights, gen, attention):
             ref.blocks[0].attn.enable_bsa = False
             expected = ref(x, t, y, mask)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
+
+
+def test_compiled_blocks_have_no_graph_breaks(weights, gen):
+    """Every block compiles as one graph (fullgraph=True) with the Triton kernels and fused ops."""
+    torch._dynamo.reset()
+    x, t, y, mask = _inputs(gen, T=2, H=4, W=4)
+    ours = _ours(weights)
+    with torch.no_grad():
+        expected = ours(x, t, y, mask)
+    accelerate(ours, attention="bsa", fused=True, compile={"backend": "aot_eager", "fullgraph": True})
+    assert acceleration_report(ours).compiled
+    with torch.no_grad():
+        got = ours(x, t, y, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
+    restore(ours)
+    assert "forward" not in vars(ours.blocks[0])

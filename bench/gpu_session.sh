@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One GPU session in one call (H200): install the project, run the GPU correctness tests, then every
+# benchmark subcommand at real shapes, writing results JSON to $OUT (and bench/results/), and
+# regenerate BENCHMARKS.md. Each step has its own time limit so the whole stays under ~9 minutes
+# even when a step hangs; a failed step is reported and the next one still runs.
+#
+#   bash bench/gpu_session.sh            # from the repository root, on the GPU machine
+#
+# Afterwards commit bench/results/*.json and BENCHMARKS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT" bench/results
+FAILED=""
+START=$SECONDS
+
+step() {  # step SECONDS command...
+    local limit=$1; shift
+    echo "== [$((SECONDS - START))s] $*"
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    [ "$rc" -eq 0 ] || FAILED="$FAILED
+  rc=$rc: $*"
+    echo "== rc=$rc"
+}
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null | tee "$OUT/nvidia-smi.csv"
+python3 -c "import torch, triton, longcat; print('torch', torch.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0))"
+
+step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml"
+step 180 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"
+step 40  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"
+step 110 python3 -m longcat.bench model --compare --warmup 1 --repeats 2 --json "$OUT/model-h200.json"
+step 75  python3 -m longcat.bench memory --latent 48 88 160 --configs fp8 int8-offload --json "$OUT/memory-h200.json"
+step 45  env LONGCAT_BENCH_SIZES=480p python3 -m pytest bench/ --benchmark-only -q -k "not compile" \
+         --benchmark-json "$OUT/pytest-benchmark-h200.json"
+
+if [ "$(cd "$OUT" && pwd)" != "$(cd bench/results && pwd)" ]; then
+    cp "$OUT"/*-h200.json bench/results/ 2>/dev/null
+fi
+step 30  python3 -m longcat.bench report
+cp BENCHMARKS.md "$OUT/" 2>/dev/null
+[ -d bench/results/plots ] && cp -r bench/results/plots "$OUT/" 2>/dev/null
+
+echo "== done in $((SECONDS - START))s"
+if [ -n "$FAILED" ]; then
+    echo "failed steps:$FAILED"
+    exit 1
+fi

@@ -1,0 +1,265 @@
+"""``longcat-bench report``: BENCHMARKS.md tables and PNG plots from committed results files.
+
+Every table names the command that produced it and the machine it ran on. Nothing is computed
+here that was not measured: without GPU results the file says so and lists the commands that
+produce each table on an H200. matplotlib is optional and imported only when plotting.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["render_markdown", "render_plots", "write_report", "default_inputs", "GPU_COMMANDS"]
+
+GPU_SESSION = "bash bench/gpu_session.sh"
+# What bench/gpu_session.sh runs on the H200 (also the commands for each table on their own).
+GPU_COMMANDS = [
+    ("ceilings + kernels at the 480p and 720p shapes", "longcat-bench kernels --json bench/results/kernels-h200.json"),
+    ("accuracy (bf16 / fp16 / fp32 kernels, quantization formats, planner)",
+     "longcat-bench accuracy --json bench/results/accuracy-h200.json"),
+    ("model step: reference vs accelerated configurations (480p)",
+     "longcat-bench model --compare --warmup 1 --repeats 2 --json bench/results/model-h200.json"),
+    ("memory per configuration at 720p, measured and planned",
+     "longcat-bench memory --latent 48 88 160 --configs fp8 int8-offload --json bench/results/memory-h200.json"),
+    ("pytest-benchmark suite", "LONGCAT_BENCH_SIZES=480p pytest bench/ --benchmark-only -k 'not compile' "
+     "--benchmark-json bench/results/pytest-benchmark-h200.json"),
+    ("this file", "longcat-bench report"),
+]
+
+
+def default_inputs(root: str = "") -> List[str]:
+    files = sorted(glob.glob(os.path.join(root, "bench", "results", "*.json")))
+    baseline = os.path.join(root, "bench", "baseline", "cpu.json")
+    if os.path.isfile(baseline):
+        files.append(baseline)
+    return files
+
+
+def _machine_line(doc: dict) -> str:
+    m = doc.get("machine", {})
+    where = f"GPU {m['gpu']} (driver {m.get('driver')})" if m.get("gpu") else f"CPU only ({m.get('cpu_count')} cores)"
+    interp = ", Triton interpreter" if m.get("triton_interpret") and not m.get("gpu") else ""
+    return (f"{where}{interp}; torch {m.get('torch')}, triton {m.get('triton')}, python {m.get('python')}; "
+            f"commit `{m.get('commit')}`; {doc.get('created_utc')}")
+
+
+def _f(v, fmt="{:.3g}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, (int, float)):
+        return fmt.format(v)
+    return str(v)
+
+
+def _gib(v) -> str:
+    return "" if v is None else f"{v / 1024**3:.2f}"
+
+
+def _table(head: List[str], rows: List[list]) -> str:
+    if not rows:
+        return "_(no records)_\n"
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _status(rec: dict) -> str:
+    s = rec.get("status", "ok")
+    return s if s == "ok" else f"{s}: {rec.get('reason', '')}"
+
+
+def _kernel_table(records: List[dict]) -> str:
+    rows = []
+    for r in records:
+        if r.get("name") != "kernel":
+            continue
+        p = r.get("params", {})
+        size = p.get("seq") or p.get("tokens") or p.get("seq_q") or ""
+        rate = (f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else (f"{r['gbps']:.0f} GB/s" if "gbps" in r else ""))
+        pct = r.get("pct_of_matmul_ceiling", r.get("pct_of_copy_ceiling"))
+        err = r.get("max_abs_err")
+        err_txt = (f"{err:.2e} vs {r.get('error_baseline')}" if err is not None else
+                   (f"{r['sqnr_db']:.1f} dB SQNR" if r.get("sqnr_db") is not None else ""))
+        rows.append([r["op"], r["label"], _f(size, "{:,}"), r["impl"], r["role"], r.get("path", ""),
+                     _f(r.get("median_ms"), "{:.3f}"), rate, _f(pct, "{:.0f}%"),
+                     _f(r.get("speedup_vs_reference"), "{:.2f}x"), err_txt, _status(r)])
+    return _table(["op", "shape", "tokens", "impl", "role", "path", "median ms", "rate", "% ceiling",
+                   "vs reference", "error", "status"], rows)
+
+
+def _accuracy_tables(records: List[dict]) -> str:
+    parts = []
+    kern = [r for r in records if r.get("name") == "kernel_accuracy"]
+    if kern:
+        parts.append("Kernels against the oracle (reference in float64); bound = 2 x error of the reference in the same dtype + atol:\n\n")
+        parts.append(_table(["op", "shape", "dtype", "path", "kernel max err", "torch max err", "bound", "within", "status"],
+                            [[r["op"], r["label"], r["dtype"], r.get("path", ""), _f(r.get("subject_max_abs_err"), "{:.2e}"),
+                              _f(r.get("torch_max_abs_err"), "{:.2e}"), _f(r.get("bound"), "{:.2e}"), _f(r.get("within_bound")),
+                              _status(r)] for r in kern]))
+    qg = [r for r in records if r.get("name") == "quant_gemm_accuracy"]
+    if qg:
+        parts.append("\nQuantized GEMM kernels against their reference on the same 8-bit operands:\n\n")
+        parts.append(_table(["format", "mode", "max abs err", "max rel err", "within", "status"],
+                            [[r.get("format", ""), r.get("mode", ""), _f(r.get("max_abs_err"), "{:.2e}"),
+                              _f(r.get("max_rel_err"), "{:.2e}"), _f(r.get("within_bound")), _status(r)] for r in qg]))
+    q = [r for r in records if r.get("name") == "quant_accuracy"]
+    if q:
+        parts.append("\nQuantization formats against float32 math (activations with outlier channels):\n\n")
+        parts.append(_table(["layer", "out x in", "weights", "backend", "format", "weight SQNR dB", "output SQNR dB", "cosine", "status"],
+                            [[r.get("layer", ""), "x".join(map(str, r.get("shape", []))), r.get("dist", ""), r.get("backend", ""),
+                              r.get("format", ""), _f(r.get("weight_sqnr_db"), "{:.2f}"), _f(r.get("sqnr_db"), "{:.2f}"),
+                              _f(r.get("cosine"), "{:.6f}"), _status(r)] for r in q]))
+    plan = [r for r in records if r.get("name") == "memory_plan"]
+    if plan:
+        parts.append("\nMemory planner (full 13.6B model, computed on the meta device; a prediction, not a measurement):\n\n")
+        parts.append(_table(["configuration", "latent", "batch", "weights on GPU GiB", "activation peak GiB", "expected peak GiB", "status"],
+                            [[r["label"], "x".join(map(str, r.get("latent", []))), r.get("batch", ""), _gib(r.get("weights_resident_bytes")),
+                              _gib(r.get("activation_peak_bytes")), _gib(r.get("peak_bytes")), _status(r)] for r in plan]))
+    return "".join(parts) or "_(no records)_\n"
+
+
+def _model_table(records: List[dict]) -> str:
+    rows = []
+    for r in records:
+        if r.get("name") not in ("model_forward", "model_memory"):
+            continue
+        mem = r.get("memory") or {}
+        rows.append([r.get("config", r.get("ops", "")), r.get("preset", ""), "x".join(map(str, r.get("latent", []))),
+                     r.get("batch", ""), r.get("dtype", ""), _f((r.get("timing") or {}).get("median_ms"), "{:,.1f}"),
+                     _gib(mem.get("torch_peak_allocated_bytes")), _gib(mem.get("nvml_peak_used_bytes")),
+                     _gib(mem.get("cpu_peak_rss_bytes")) if not mem.get("torch_peak_allocated_bytes") else "",
+                     _gib(r.get("planned_peak_bytes")), _f(r.get("output_rel_err"), "{:.2e}"), _status(r)])
+    return _table(["configuration", "preset", "latent", "batch", "dtype", "step ms", "torch peak GiB", "NVML peak GiB",
+                   "process RSS GiB", "planned peak GiB", "rel. error vs reference", "status"], rows)
+
+
+def _pytest_benchmark_table(doc: dict) -> str:
+    rows = []
+    for b in doc.get("benchmarks", []):
+        s, extra = b.get("stats", {}), b.get("extra_info", {})
+        rows.append([b.get("name"), _f(s.get("median", 0) * 1e3, "{:.3f}"), _f(s.get("rounds"), "{}"),
+                     _f(extra.get("tflops"), "{:.1f}"), _f(extra.get("gbps"), "{:.0f}"), _gib(extra.get("peak_bytes"))])
+    return _table(["benchmark", "median ms", "rounds", "TFLOP/s", "GB/s", "peak GiB"], rows)
+
+
+def _is_gpu(doc: dict) -> bool:
+    return bool((doc.get("machine") or doc.get("machine_info") or {}).get("gpu"))  # None / "" on a CPU run
+
+
+def render_markdown(docs: List[Tuple[str, dict]], plots: Optional[List[str]] = None, plot_note: str = "") -> str:
+    gpu_docs = [d for _, d in docs if _is_gpu(d)]
+    lines = ["# Benchmarks", "",
+             "Generated by `longcat-bench report` from the committed results files listed below; do not edit by hand.",
+             "Every table names the command that produced it and the machine it ran on.", ""]
+    if not gpu_docs:
+        lines += ["**There are no GPU results yet.** No timing, throughput or GPU memory figure in this file has been",
+                  "measured on a GPU; the only tables below are CPU runs (functional and accuracy checks in the",
+                  "Triton interpreter, and the memory planner's predictions), which say nothing about GPU speed.", ""]
+    lines += ["## Producing the GPU tables on an H200", "",
+              f"All of them in one call (installs the project, runs `pytest -m gpu`, then every benchmark at real shapes,",
+              f"writing JSON to `$OUT` and `bench/results/`): `{GPU_SESSION}`. One by one:", ""]
+    lines += [f"- {what}: `{cmd}`" for what, cmd in GPU_COMMANDS]
+    lines += ["", "Then commit `bench/results/*.json` and this file.", ""]
+    for path, doc in docs:
+        rel = os.path.relpath(path) if os.path.isabs(path) else path
+        if "benchmarks" in doc and "records" not in doc:  # a pytest-benchmark JSON file
+            lines += [f"## pytest-benchmark: `{rel}`", "", f"Machine: {doc.get('machine_info', {}).get('gpu') or doc.get('machine_info', {}).get('cpu', {}).get('brand_raw', 'CPU')}; "
+                      f"commit `{(doc.get('commit_info') or {}).get('id')}`; {doc.get('datetime')}", "",
+                      _pytest_benchmark_table(doc)]
+            continue
+        kind = doc.get("kind", "")
+        lines += [f"## {kind}: `{rel}`", "", f"Command: `{doc.get('command')}`", "", f"Machine: {_machine_line(doc)}", ""]
+        if doc.get("notice"):
+            lines += [f"> {doc['notice']}", ""]
+        ceil = doc.get("ceilings")
+        if ceil:
+            lines += [f"Ceilings measured in this run: copy {ceil.get('copy_gbps', 0):,.0f} GB/s (read + write, "
+                      f"{ceil.get('copy_bytes', 0) / 1024**3:.2f} GiB), matmul {ceil.get('matmul_tflops', 0):,.1f} TFLOP/s "
+                      f"({ceil.get('matmul_n')}^3 {ceil.get('matmul_dtype')}).", ""]
+        recs = doc.get("records", [])
+        if kind == "kernels":
+            lines.append(_kernel_table(recs))
+        elif kind in ("accuracy", "check"):
+            lines.append(_accuracy_tables(recs))
+        elif kind in ("model", "memory"):
+            lines.append(_model_table(recs))
+            if any(r.get("name") == "memory_plan" for r in recs):
+                lines.append(_accuracy_tables([r for r in recs if r.get("name") == "memory_plan"]))
+        else:
+            lines.append(_kernel_table(recs) if any(r.get("name") == "kernel" for r in recs) else _accuracy_tables(recs))
+    if plots:
+        lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({p})" for p in plots] + [""]
+    if plot_note:
+        lines += [plot_note, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_plots(docs: List[Tuple[str, dict]], out_dir: str) -> Tuple[List[str], str]:
+    """Time vs sequence length per attention op and memory per configuration, as PNGs (only from
+    GPU results: CPU interpreter times are not speeds). Returns (paths, note)."""
+    gpu = [d for _, d in docs if _is_gpu(d)]
+    if not gpu:
+        return [], "Plots: none (they are drawn from GPU results only)."
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "Plots skipped: matplotlib is not installed (pip install matplotlib, then rerun `longcat-bench report`)."
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    series: Dict[str, Dict[str, List[Tuple[int, float]]]] = {}
+    for d in gpu:
+        for r in d.get("records", []):
+            if r.get("name") == "kernel" and r.get("status") == "ok" and r["op"].startswith("attention"):
+                seq = r["params"].get("seq") or r["params"].get("seq_q")
+                series.setdefault(r["op"], {}).setdefault(r["impl"], []).append((seq, r["median_ms"]))
+    if series:
+        fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4), squeeze=False)
+        for ax, (op, impls) in zip(axes[0], sorted(series.items())):
+            for impl, pts in sorted(impls.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.set(title=op, xlabel="sequence length (tokens)", ylabel="median ms", yscale="log")
+            ax.legend(fontsize=7)
+        path = os.path.join(out_dir, "attention_time_vs_seq.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    mem = [(r.get("config", r.get("ops")), (r.get("memory") or {}).get("torch_peak_allocated_bytes"))
+           for d in gpu for r in d.get("records", []) if r.get("name") in ("model_forward", "model_memory")]
+    mem = [(c, b) for c, b in mem if b]
+    if mem:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh([c for c, _ in mem], [b / 1024**3 for _, b in mem])
+        ax.set(xlabel="peak GiB (torch allocator)", title="memory per configuration")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "memory_per_config.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths, ""
+
+
+def write_report(inputs: List[str], output: str, plot_dir: Optional[str] = None) -> Tuple[str, str]:
+    """Render ``output`` (markdown) from ``inputs``; returns (markdown, plot note)."""
+    import json
+
+    docs = []
+    for path in inputs:
+        with open(path, encoding="utf-8") as f:
+            docs.append((path, json.load(f)))
+    out_dir = os.path.dirname(os.path.abspath(output))
+    plot_dir = plot_dir or os.path.join("bench", "results", "plots")
+    paths, note = render_plots(docs, plot_dir)
+    rel_paths = [os.path.relpath(p, out_dir) for p in paths]
+    text = render_markdown(docs, rel_paths, note)
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(text)
+    return text, note

@@ -1,0 +1,173 @@
+"""``QuantizedLinear``: the drop-in replacement of ``nn.Linear`` with an 8-bit weight.
+
+Buffers: ``weight_q`` (int8 or float8_e4m3fn, [out, in]), ``weight_scale`` (float32, [out],
+symmetric per output channel) and ``bias`` (activation dtype, [out]) or None. The module keeps
+``in_features``/``out_features`` and its class name, so upstream's LoRA loader (which asserts the
+target's class name is ``Linear`` or ``QuantizedLinear``) still accepts it. Its forward never
+builds a full-precision weight on the Triton path: W8A16 converts weight tiles inside the GEMM,
+W8A8 quantizes activations per token and multiplies 8-bit by 8-bit.
+
+``model.to(dtype)`` / ``.half()`` move the quantized buffers between devices but never change
+their dtypes (a float32 scale in bf16 would lose precision, an e4m3 weight would be widened).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from longcat.kernels.quant_gemm import dynamic_linear, weight_only_linear
+from longcat.kernels.quantize_activations import quantize_per_token
+
+from .config import WEIGHT_DTYPES, LayerSpec
+
+__all__ = ["QuantizedLinear", "QuantizedSwiGLU", "quantize_weight", "dequantize_weight", "QMAX"]
+
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+# Floor on a row's amax: an all-zero output channel gets a tiny positive scale and zero codes.
+WEIGHT_AMAX_EPS = 1e-12
+
+
+def quantize_weight(weight: torch.Tensor, qdtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization of a [out, in] weight.
+
+    Returns ``(w_q [out, in] qdtype, scale [out] float32)`` with ``w ~= w_q * scale[:, None]``.
+    Works on any device, including ``meta`` (then both results are meta tensors)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [out, in] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    if qdtype not in QMAX:
+        raise TypeError(f"qdtype must be torch.int8 or torch.float8_e4m3fn, got {qdtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    qmax = QMAX[qdtype]
+    w = weight.detach().float()
+    lo, hi = w.aminmax(dim=1)  # no full-size |w| temporary
+    scale = torch.maximum(hi, -lo).clamp_min(WEIGHT_AMAX_EPS) / qmax
+    v = (w / scale.unsqueeze(1)).clamp_(-qmax, qmax)
+    w_q = v.round_().to(torch.int8) if qdtype == torch.int8 else v.to(qdtype)
+    return w_q, scale
+
+
+def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w_q * scale[:, None]`` in ``dtype`` (a full-size tensor: for checks and LoRA merging)."""
+    return (w_q.float() * scale.float().unsqueeze(1)).to(dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x W^T + b`` with W stored in 8 bits; see the module docstring.
+
+    ``weight_dtype``: torch.int8 or torch.float8_e4m3fn. ``dynamic``: quantize activations per
+    token at run time (W8A8); otherwise weight-only (W8A16). Buffers are created empty (zeros on
+    a real device, nothing on ``meta``); fill them with ``from_linear`` or a checkpoint.
+    """
+
+    _quantized_buffers = ("weight_q", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight_dtype: torch.dtype = torch.int8, dynamic: bool = False,
+                 device=None, bias_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if weight_dtype not in QMAX:
+            raise TypeError(f"weight_dtype must be torch.int8 or torch.float8_e4m3fn, got {weight_dtype}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.weight_dtype = weight_dtype
+        self.dynamic = bool(dynamic)
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.register_buffer("bias", None)
+
+    @property
+    def spec(self) -> LayerSpec:
+        return LayerSpec("int8" if self.weight_dtype == torch.int8 else "fp8", self.dynamic)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_dtype: torch.dtype = torch.int8, dynamic: bool = False) -> "QuantizedLinear":
+        """Quantize an ``nn.Linear`` (on any device, ``meta`` included). The bias keeps its dtype."""
+        w_q, scale = quantize_weight(linear.weight, weight_dtype)
+        q = cls(linear.in_features, linear.out_features, bias=False, weight_dtype=weight_dtype,
+                dynamic=dynamic, device="meta")
+        q.weight_q = w_q
+        q.weight_scale = scale
+        if linear.bias is not None:
+            q.bias = linear.bias.detach()
+        return q
+
+    @classmethod
+    def from_spec(cls, linear_like: nn.Module, spec: LayerSpec, device="meta", bias_dtype=torch.bfloat16) -> "QuantizedLinear":
+        """An empty module shaped like ``linear_like`` (for loading checkpoints)."""
+        bias = getattr(linear_like, "bias", None)
+        return cls(linear_like.in_features, linear_like.out_features, bias=bias is not None,
+                   weight_dtype=spec.weight_dtype, dynamic=spec.dynamic, device=device,
+                   bias_dtype=bias.dtype if bias is not None and bias.is_floating_point() else bias_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full [out, in] weight in ``dtype`` (allocates it: for LoRA merging and checks)."""
+        return dequantize_weight(self.weight_q, self.weight_scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            bias = bias.to(x.dtype)
+        if self.dynamic:
+            x_q, x_scale = quantize_per_token(x, self.weight_dtype)
+            return dynamic_linear(x_q, x_scale, self.weight_q, self.weight_scale, bias, x.dtype)
+        return weight_only_linear(x, self.weight_q, self.weight_scale, bias)
+
+    def _apply(self, fn, recurse=True):
+        # Let device moves through but keep the quantized buffers' dtypes (see module docstring).
+        saved = {name: self._buffers[name] for name in self._quantized_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Accept upstream's int8 names (``weight_int8``) for the int8 weight.
+        legacy = prefix + "weight_int8"
+        if legacy in state_dict and prefix + "weight_q" not in state_dict:
+            state_dict[prefix + "weight_q"] = state_dict.pop(legacy)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight={self.spec.weight}, activations={'per-token dynamic' if self.dynamic else 'unquantized'}")
+
+
+class QuantizedSwiGLU(nn.Module):
+    """``silu(x W1^T) * (x W3^T)`` from two QuantizedLinear layers of one format, packed as one
+    [2H, K] weight so a single GEMM produces the gated [.., H] output (no [.., 2H] intermediate)."""
+
+    def __init__(self, w1: QuantizedLinear, w3: QuantizedLinear):
+        super().__init__()
+        if not (isinstance(w1, QuantizedLinear) and isinstance(w3, QuantizedLinear)):
+            raise TypeError("w1 and w3 must both be QuantizedLinear")
+        if w1.spec != w3.spec or w1.in_features != w3.in_features or w1.out_features != w3.out_features:
+            raise ValueError(f"w1 and w3 must have one format and shape, got {w1.extra_repr()} and {w3.extra_repr()}")
+        if (w1.bias is None) != (w3.bias is None):
+            raise ValueError("w1 and w3 must both have a bias or both have none")
+        self.in_features = w1.in_features
+        self.hidden_features = w1.out_features
+        self.weight_dtype = w1.weight_dtype
+        self.dynamic = w1.dynamic
+        self.register_buffer("weight_q", torch.cat([w1.weight_q, w3.weight_q], 0))
+        self.register_buffer("weight_scale", torch.cat([w1.weight_scale, w3.weight_scale], 0))
+        self.register_buffer("bias", None if w1.bias is None else torch.cat([w1.bias, w3.bias], 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if self.dynamic:
+            x_q, x_scale = quantize_per_token(x, self.weight_dtype)
+            return dynamic_linear(x_q, x_scale, self.weight_q, self.weight_scale, bias, x.dtype, swiglu=True)
+        return weight_only_linear(x, self.weight_q, self.weight_scale, bias, swiglu=True)
+
+    _apply = QuantizedLinear._apply
+    _quantized_buffers = QuantizedLinear._quantized_buffers

@@ -204,3 +204,26 @@ def test_compiled_blocks_have_no_graph_breaks(weights, gen):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
     restore(ours)
     assert "forward" not in vars(ours.blocks[0])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8-dynamic"])
+def test_quantize_through_accelerate_and_undo(weights, gen, fmt):
+    x, t, y, mask = _inputs(gen, T=2, H=4, W=4)
+    ours = _ours(weights)
+    with torch.no_grad():
+        expected = ours(x, t, y, mask)
+    accelerate(ours, attention="sdpa", fused=False, quantize=fmt)
+    rep = acceleration_report(ours)
+    assert rep.quantized_linears > 0 and rep.quantization == fmt
+    qkv = ours.blocks[0].attn.qkv
+    assert type(qkv).__name__ == "QuantizedLinear" and (qkv.in_features, qkv.out_features) == (256, 768)
+    assert type(ours.final_layer.linear) is nn.Linear  # default skip list keeps it high precision
+    with torch.no_grad():
+        got = ours(x, t, y, mask)
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < rel < 0.05, rel
+    restore(ours)
+    assert type(ours.blocks[0].attn.qkv) is nn.Linear
+    with torch.no_grad():
+        undone = ours(x, t, y, mask)
+    assert ((undone - expected).norm() / expected.norm()).item() < 0.05

@@ -127,7 +127,8 @@ def test_meta_device_quantize(fmt, MiniDiT_cls):
     assert out.shape == (1, 5, 16)
 
 
-@pytest.mark.parametrize("fmt,floor_db", [("int8", 30.0), ("fp8", 22.0), ("int8-dynamic", 22.0), ("fp8-dynamic", 20.0)])
+# Measured on the stand-in (fp32 activations): int8 59.9 dB, fp8 44.7, int8-dynamic 54.8, fp8-dynamic 41.2.
+@pytest.mark.parametrize("fmt,floor_db", [("int8", 52.0), ("fp8", 38.0), ("int8-dynamic", 47.0), ("fp8-dynamic", 35.0)])
 def test_small_model_output_close_to_float(dit_inputs, mini_dit, fmt, floor_db):
     x, t, y = dit_inputs
     with torch.no_grad():

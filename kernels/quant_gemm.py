@@ -278,6 +278,31 @@ def _(x, w_q, w_scale, bias, swiglu):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
+def _weight_only_setup_context(ctx, inputs, output):
+    x, w_q, w_scale, bias, swiglu = inputs
+    ctx.save_for_backward(w_q, w_scale)
+    ctx.swiglu = swiglu
+    ctx.x_dtype = x.dtype
+    ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[3]
+
+
+def _weight_only_backward(ctx, grad):
+    # d/dx (x W^T s) = (grad * s) W: a LoRA trained on top of a W8A16 layer needs the input gradient.
+    # The weight stays frozen (no gradient for w_q / w_scale).
+    if ctx.swiglu:
+        raise NotImplementedError("backward through the fused SwiGLU epilogue is not implemented; "
+                                  "use separate w1/w3 layers for training")
+    w_q, w_scale = ctx.saved_tensors
+    compute = torch.float64 if ctx.x_dtype == torch.float64 else torch.float32
+    g = grad.to(compute) * w_scale.to(compute)
+    grad_x = torch.matmul(g, w_q.to(compute)).to(ctx.x_dtype)
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_needs_grad else None
+    return grad_x, None, None, grad_b, None
+
+
+_weight_only_linear_op.register_autograd(_weight_only_backward, setup_context=_weight_only_setup_context)
+
+
 @torch.library.custom_op("longcat::dynamic_linear", mutates_args=())
 def _dynamic_linear_op(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                        bias: Optional[torch.Tensor], out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:

@@ -343,3 +343,15 @@ def test_gpu_timings_report(capsys):
         rows.append("  ".join(line))
     with capsys.disabled():
         print("\nTFLOP/s at M=37440:\n" + "\n".join(rows))
+
+
+def test_weight_only_backward_gives_input_gradient(gen):
+    # LoRA training on a W8A16 base layer needs d(out)/dx; the 8-bit weight itself is frozen.
+    x = torch.randn(5, 3, 48, generator=gen, requires_grad=True)
+    w_q, scale = quant_weight(torch.randn(40, 48, generator=gen), torch.int8)
+    b = torch.randn(40, generator=gen, requires_grad=True)
+    g = torch.randn(5, 3, 40, generator=gen)
+    qg.int8_weight_only_linear(x.to(DEV), w_q.to(DEV), scale.to(DEV), b.to(DEV)).backward(g.to(DEV))
+    w = (w_q.double() * scale.double()[:, None])
+    torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, g.sum((0, 1)), rtol=1e-5, atol=1e-5)

@@ -100,8 +100,14 @@ def _upstream_block_forward(block, x, y, t, y_seqlen, latent_shape, num_cond_lat
     """Upstream's block calling convention (text packed as [1, L_total, C] plus a list of
     per-sample lengths) mapped onto ``block_forward``."""
     text = y.reshape(-1, y.shape[-1])
-    lengths = torch.as_tensor(list(y_seqlen), dtype=torch.int32, device=x.device)
-    cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    # Every block of one forward call receives the same packed text tensor: build the offsets
+    # once (one host-to-device copy per call, not one per block) and keep them on that tensor.
+    cached = getattr(y, "_longcat_cu_seqlens", None)
+    if cached is None or cached[0] != tuple(y_seqlen):
+        lengths = torch.as_tensor(list(y_seqlen), dtype=torch.int32, device=x.device)
+        cached = (tuple(y_seqlen), torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)))
+        y._longcat_cu_seqlens = cached
+    cu = cached[1]
     if kv_cache is not None:
         kv_cache = (kv_cache[0].to(x.device), kv_cache[1].to(x.device))
     return block_forward(

@@ -10,9 +10,7 @@ returns a half-loaded model.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import warnings
 from typing import Dict, Optional
 
@@ -20,26 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# One definition of the checkpoint error and of the atomic-write helpers, shared with the
+# quantized checkpoints (longcat may import quant; not the reverse).
+from longcat.quant.checkpoint import CheckpointError, parse_size, remove_quietly, temporary_name, write_json_atomic
+
 __all__ = ["CheckpointError", "read_config", "find_weight_files", "load_pretrained", "save_pretrained", "parse_size"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be loaded as asked; the message says why."""
-
-
-def parse_size(size) -> int:
-    """Bytes from an int or a string such as '5GB', '500MB', '64KiB'."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read a size from {size!r}; use bytes or e.g. '5GB'")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
 def read_config(folder: str) -> dict:
@@ -168,16 +155,13 @@ def load_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None, device=
 
 
 def _atomic_save(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def save_pretrained(model, path: str, max_shard_size="5GB") -> None:
@@ -210,7 +194,7 @@ def save_pretrained(model, path: str, max_shard_size="5GB") -> None:
             _atomic_save(shard, os.path.join(path, fname), metadata)
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        _atomic_write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, os.path.join(path, INDEX_NAME))
+        write_json_atomic({"metadata": {"total_size": total}, "weight_map": weight_map}, os.path.join(path, INDEX_NAME))
     config = {"_class_name": "LongCatVideoTransformer3DModel", **model.config}
     config["patch_size"] = list(config["patch_size"])
-    _atomic_write_json(config, os.path.join(path, CONFIG_NAME))
+    write_json_atomic(config, os.path.join(path, CONFIG_NAME))

@@ -45,6 +45,10 @@ __all__ = [
     "load_quantized",
     "read_quantization_config",
     "CheckpointError",
+    "parse_size",
+    "write_json_atomic",
+    "temporary_name",
+    "remove_quietly",
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]
@@ -74,7 +78,8 @@ class CheckpointError(ValueError):
 # saving
 # ----------------------------------------------------------------------------------------------
 
-def _parse_size(size) -> int:
+def parse_size(size) -> int:
+    """Bytes from a positive int or a string such as '4GB', '500MB', '64KiB' (shard limits)."""
     if isinstance(size, int) and size > 0:
         return size
     if isinstance(size, str):
@@ -99,8 +104,9 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _fsync_write_json(obj, final_path: str) -> None:
-    tmp = _tmp_name(final_path)
+def write_json_atomic(obj, final_path: str) -> None:
+    """Write JSON under a temporary name in the same folder, fsync, then rename into place."""
+    tmp = temporary_name(final_path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
@@ -108,16 +114,16 @@ def _fsync_write_json(obj, final_path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, final_path)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
-def _tmp_name(final_path: str) -> str:
+def temporary_name(final_path: str) -> str:
     folder, base = os.path.split(final_path)
     return os.path.join(folder, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -149,7 +155,7 @@ def save_quantized(model: nn.Module, path: str, max_shard_size: Union[int, str] 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     state = model.state_dict()
     meta = [k for k, v in state.items() if v.device.type == "meta"]
     if meta:
@@ -173,13 +179,13 @@ def save_quantized(model: nn.Module, path: str, max_shard_size: Union[int, str] 
     try:
         for keys, name in zip(shards, names):
             final = os.path.join(path, name)
-            tmp = _tmp_name(final)
+            tmp = temporary_name(final)
             written.append((tmp, final))
             save_file({k: _standalone(state[k]) for k in keys}, tmp, metadata={"format": "pt"})
             _fsync_file(tmp)
     except BaseException:
         for tmp, _ in written:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
         raise
 
     config = getattr(model, CONFIG_ATTR, None)
@@ -197,20 +203,20 @@ def save_quantized(model: nn.Module, path: str, max_shard_size: Union[int, str] 
         "weight_map": {k: name for keys, name in zip(shards, names) for k in keys},
     }
     # Commit: drop the old marker, move shards in, then the index, then the new marker.
-    _remove_quietly(os.path.join(path, CONFIG_FILE))
+    remove_quietly(os.path.join(path, CONFIG_FILE))
     try:
         for tmp, final in written:
             os.replace(tmp, final)
     except BaseException:
         for tmp, _ in written:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
         raise
-    _fsync_write_json(index, os.path.join(path, INDEX_FILE))
-    _fsync_write_json(qconfig, os.path.join(path, CONFIG_FILE))
+    write_json_atomic(index, os.path.join(path, INDEX_FILE))
+    write_json_atomic(qconfig, os.path.join(path, CONFIG_FILE))
     # Shards of an earlier, larger save into the same folder are now unreferenced.
     for f in os.listdir(path):
         if SHARD_PATTERN.fullmatch(f) and f not in names:
-            _remove_quietly(os.path.join(path, f))
+            remove_quietly(os.path.join(path, f))
     return index
 
 

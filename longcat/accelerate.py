@@ -49,6 +49,7 @@ class AccelerationReport:
     quantization: Optional[str] = None
     offload: Optional[str] = None
     compiled: bool = False
+    context_parallel: Optional[str] = None
     notes: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -57,6 +58,7 @@ class AccelerationReport:
             f"  block-sparse attention enabled in {self.bsa_blocks} blocks",
             f"  quantized Linear layers: {self.quantized_linears}" + (f" ({self.quantization})" if self.quantization else ""),
             f"  offload: {self.offload or 'none'}; torch.compile: {'yes' if self.compiled else 'no'}",
+            f"  context parallelism: {self.context_parallel or 'none'}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -116,6 +118,48 @@ def _upstream_block_forward(block, x, y, t, y_seqlen, latent_shape, num_cond_lat
     )
 
 
+def _model_split_hw(model) -> tuple:
+    split = getattr(model, "cp_split_hw", None)
+    if split is None and isinstance(getattr(model, "config", None), dict):
+        split = model.config.get("cp_split_hw")
+    return tuple(int(s) for s in (split or (1, 1)))
+
+
+def _resolve_context_parallel(model, kind: str, context_parallel):
+    """The ContextParallel the blocks use, checked against the model's own split."""
+    from .context_parallel import ContextParallel, context_parallel as make_context_parallel
+
+    split = _model_split_hw(model)
+    splits_itself = split != (1, 1)
+    if context_parallel is None:
+        if kind == "upstream" and splits_itself:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            if world != split[0] * split[1]:
+                raise ValueError(
+                    f"the model splits its tokens over cp_split_hw={list(split)} windows: pass the context-parallel "
+                    "process group it uses as accelerate(model, context_parallel=group)"
+                )
+            return make_context_parallel(None, split)
+        return None
+    if isinstance(context_parallel, ContextParallel):
+        cp = context_parallel
+    else:
+        cp = make_context_parallel(context_parallel, split if splits_itself else None)
+    if splits_itself and tuple(cp.split_hw) != split:
+        raise ValueError(f"context_parallel split_hw {cp.split_hw} differs from the model's cp_split_hw {list(split)}")
+    if kind == "upstream" and not splits_itself:
+        raise ValueError(
+            "this upstream model was built without cp_split_hw, so its forward does not split the tokens over "
+            "ranks; build it with cp_split_hw (and upstream's context-parallel setup) to use context parallelism"
+        )
+    heads = model.blocks[0].attn.num_heads
+    if heads % cp.size:
+        raise ValueError(f"context parallelism over {cp.size} ranks needs num_heads ({heads}) divisible by {cp.size}")
+    return cp
+
+
 def _set_bsa(model, bsa) -> None:
     if bsa is None:
         return
@@ -137,6 +181,7 @@ def accelerate(
     offload: Optional[str] = None,
     compile: Union[bool, dict] = False,
     ffn_chunk_frames: Optional[int] = None,
+    context_parallel=None,
     ops: Optional[DiTOps] = None,
     verbose: bool = False,
 ) -> nn.Module:
@@ -153,6 +198,12 @@ def accelerate(
     compile: wrap each block's forward in ``torch.compile`` (True, or a dict of torch.compile
         keyword arguments such as ``{"backend": "aot_eager", "fullgraph": True}``).
     ffn_chunk_frames: run the FFN this many latent frames at a time (lower activation peak).
+    context_parallel: Ulysses context parallelism (``longcat.context_parallel``): a
+        ``ContextParallel``, or a process group (its split is the model's ``cp_split_hw`` when that
+        is set, else ``balanced_split``). Each rank holds a spatial window of the tokens and
+        attends on its share of the heads. An upstream model built with ``cp_split_hw`` splits
+        its tokens itself: pass the process group it uses (default: the whole world, when its
+        size matches).
     ops: an explicit op table (overrides attention/fused).
     """
     kind = recognise(model)
@@ -166,6 +217,9 @@ def accelerate(
         ops = kernel_ops(attention, fused, ffn_chunk_frames)
     elif not isinstance(ops, DiTOps):
         raise TypeError(f"ops must be a longcat.ops.DiTOps, got {type(ops).__name__}")
+    cp = _resolve_context_parallel(model, kind, context_parallel)
+    if cp is not None:
+        ops = ops.replace(context_parallel=cp)
     if isinstance(bsa, dict):
         from .model import _bsa_kwargs
 
@@ -206,8 +260,8 @@ def accelerate(
             block._longcat_eager_forward = block.forward
             block.forward = torch.compile(block.forward, **options)
         report.compiled = True
-    if kind == "upstream" and getattr(model, "cp_split_hw", None) and model.cp_split_hw[0] * model.cp_split_hw[1] > 1:
-        report.notes.append("cp_split_hw > 1: spatial context parallelism is not handled by the patched blocks")
+    if cp is not None:
+        report.context_parallel = f"{cp.size} ranks, split_hw {cp.split_hw}"
     state["report"] = report
     setattr(model, _STATE_ATTR, state)
     if verbose:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ __all__ = [
     "FeedForwardSwiGLU",
     "ffn_hidden_size",
     "CONFIG_DEFAULTS",
+    "PreparedText",
 ]
 
 # Constructor keys of the upstream model, with upstream's defaults (the released 13.6B model).
@@ -55,6 +56,14 @@ CONFIG_DEFAULTS: Dict[str, Any] = dict(
 )
 
 NORM_EPS = 1e-6
+
+
+class PreparedText(NamedTuple):
+    """Projected text, every sample's valid tokens packed: text [L_total, C] and the cumulative
+    offsets cu_seqlens [B + 1] (int32). Made by ``LongCatVideoTransformer3DModel.prepare_text``."""
+
+    text: torch.Tensor
+    cu_seqlens: torch.Tensor
 
 
 def ffn_hidden_size(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
@@ -194,14 +203,19 @@ def _attend(attn, ops: DiTOps, q, k, v, grid, latent_t: int):
 
 
 def _project_qkv(attn, ops: DiTOps, x: torch.Tensor, grid, want_k_pre_rope: bool, rope: bool = True):
-    """qkv Linear, per-head RMSNorm of q and k, then (optionally) 3D RoPE; [B, heads, N, D] each."""
-    B, N, _ = x.shape
+    """qkv Linear, per-head RMSNorm of q and k, then (optionally) 3D RoPE; [B, heads, N, D] each.
+    Under context parallelism x is this rank's window and the results hold every token of the
+    grid (global order) for this rank's share of the heads."""
     qkv = attn.qkv(x)
+    heads = attn.num_heads
+    cp = ops.context_parallel
+    if cp is not None:
+        qkv = cp.qkv_to_head_shards(qkv, grid, heads)
+        heads //= cp.size
+    B, N, _ = qkv.shape
     if rope and ops.qkv_norm_rope is not None:
-        return ops.qkv_norm_rope(
-            qkv, attn.q_norm.weight, attn.k_norm.weight, attn.num_heads, grid, 0, attn.q_norm.eps, want_k_pre_rope
-        )
-    q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return ops.qkv_norm_rope(qkv, attn.q_norm.weight, attn.k_norm.weight, heads, grid, 0, attn.q_norm.eps, want_k_pre_rope)
+    q, k, v = qkv.view(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q = ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps)
     k = ops.rms_norm(k, attn.k_norm.weight, attn.k_norm.eps)
     k_pre = k if want_k_pre_rope else None
@@ -211,7 +225,11 @@ def _project_qkv(attn, ops: DiTOps, x: torch.Tensor, grid, want_k_pre_rope: bool
     return (q, k, v, k_pre) if want_k_pre_rope else (q, k, v)
 
 
-def _merge_heads(attn, x: torch.Tensor) -> torch.Tensor:
+def _merge_heads(attn, ops: DiTOps, x: torch.Tensor, grid) -> torch.Tensor:
+    """Attention output [B, heads, N, D] -> ``proj`` of [B, N, heads * D] (under context
+    parallelism: this rank's heads of every token -> all heads of this rank's window)."""
+    if ops.context_parallel is not None:
+        return attn.proj(ops.context_parallel.head_shards_to_tokens(x, grid))
     B, heads, N, D = x.shape
     return attn.proj(x.transpose(1, 2).reshape(B, N, heads * D))
 
@@ -232,7 +250,7 @@ def self_attention_forward(attn, x, ops: DiTOps, grid, num_cond_latents: int = 0
         out = torch.cat([out_cond, out_noise], dim=2)
     else:
         out = _attend(attn, ops, q, k, v, grid, T)
-    out = _merge_heads(attn, out)
+    out = _merge_heads(attn, ops, out, grid)
     return (out, kv) if return_kv else out
 
 
@@ -249,7 +267,7 @@ def self_attention_with_kv_cache(attn, x, ops: DiTOps, grid, num_cond_latents: i
     k_full = ops.rope_3d(torch.cat([k_cache.to(k.dtype), k], dim=2), (num_cond_latents + T, H, W), 0)
     v_full = torch.cat([v_cache.to(v.dtype), v], dim=2)
     q = ops.rope_3d(q, grid, num_cond_latents)
-    return _merge_heads(attn, _attend(attn, ops, q, k_full, v_full, grid, T))
+    return _merge_heads(attn, ops, _attend(attn, ops, q, k_full, v_full, grid, T), grid)
 
 
 def cross_attention_forward(cross, x, ops: DiTOps, text, cu_seqlens_k, num_skip_tokens: int = 0):
@@ -313,7 +331,8 @@ def block_forward(
             x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
     else:
         # With a KV cache every token of this call is a noise token and gets text attention.
-        n_skip = 0 if kv_cache is not None else num_cond_latents * H * W
+        # x holds x.shape[1] // T tokens per frame (a spatial window under context parallelism).
+        n_skip = 0 if kv_cache is not None else num_cond_latents * (x.shape[1] // T)
         if fused is not None:
             x, normed = fused(x, attn_out, gate_msa, None, None, norm.weight, norm.bias, norm.eps)
             cross_out = cross_attention_forward(block.cross_attn, normed, ops, text, cu_seqlens_k, n_skip)
@@ -423,13 +442,11 @@ class LongCatVideoTransformer3DModel(nn.Module):
             raise TypeError(f"unknown LongCat-Video config keys: {sorted(unknown)}")
         cfg = {**CONFIG_DEFAULTS, **config}
         cfg["patch_size"] = tuple(int(p) for p in cfg["patch_size"])
-        cfg["cp_split_hw"] = list(cfg["cp_split_hw"] or [1, 1])
+        cfg["cp_split_hw"] = [int(s) for s in (cfg["cp_split_hw"] or [1, 1])]
         if len(cfg["patch_size"]) != 3 or cfg["patch_size"][0] != 1:
             raise ValueError(f"patch_size must be (1, ph, pw): the temporal axis is not patched; got {cfg['patch_size']}")
-        if cfg["cp_split_hw"][0] * cfg["cp_split_hw"][1] != 1:
-            raise NotImplementedError(
-                "cp_split_hw (spatial context-parallel split) is not supported by this implementation; use [1, 1]"
-            )
+        if len(cfg["cp_split_hw"]) != 2 or min(cfg["cp_split_hw"]) < 1:
+            raise ValueError(f"cp_split_hw must be two positive ints (split_h, split_w), got {cfg['cp_split_hw']}")
         if cfg["hidden_size"] % cfg["num_heads"]:
             raise ValueError(f"hidden_size {cfg['hidden_size']} is not divisible by num_heads {cfg['num_heads']}")
         if cfg["bsa_params"] is not None:
@@ -496,7 +513,7 @@ class LongCatVideoTransformer3DModel(nn.Module):
         return self.x_embedder.proj.weight.device
 
     # ----------------------------------------------------------------- forward
-    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents, kv_cache_dict, return_kv):
+    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents, kv_cache_dict, return_kv, prepared_text=None):
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
             raise ValueError(f"hidden_states must be latents [B, C, T, H, W] (rank 5), got {shape}")
@@ -507,22 +524,16 @@ class LongCatVideoTransformer3DModel(nn.Module):
             raise TypeError(f"timestep must be a tensor of shape [B] or [B, T], got {type(timestep).__name__}")
         if not (timestep.shape == (B,) or timestep.shape == (B, T)):
             raise ValueError(f"timestep must have shape [B]=[{B}] or [B, T]=[{B}, {T}], got {tuple(timestep.shape)}")
-        y = encoder_hidden_states
-        if not isinstance(y, torch.Tensor) or y.dim() not in (3, 4) or (y.dim() == 4 and y.shape[1] != 1):
-            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"encoder_hidden_states must be [B, 1, L, C_text] or [B, L, C_text], got {shape}")
-        if y.shape[0] != B:
-            raise ValueError(f"encoder_hidden_states has batch {y.shape[0]}, hidden_states has {B}")
-        if y.shape[-1] != self.config["caption_channels"]:
-            raise ValueError(f"encoder_hidden_states has {y.shape[-1]} channels; caption_channels={self.config['caption_channels']}")
-        L = y.shape[-2]
-        if encoder_attention_mask is not None:
-            m = encoder_attention_mask
-            if not isinstance(m, torch.Tensor) or m.shape not in ((B, L), (B, 1, 1, L)):
-                shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-                raise ValueError(
-                    f"encoder_attention_mask must be [B, L] or [B, 1, 1, L] = [{B}, {L}] matching the text length, got {shape}"
-                )
+        if prepared_text is not None:
+            if prepared_text.cu_seqlens.shape != (B + 1,):
+                raise ValueError(f"prepared_text was made for batch {prepared_text.cu_seqlens.shape[0] - 1}, hidden_states has {B}")
+        else:
+            y = encoder_hidden_states
+            if not isinstance(y, torch.Tensor) or y.dim() not in (3, 4) or (y.dim() == 4 and y.shape[1] != 1):
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"encoder_hidden_states must be [B, 1, L, C_text] or [B, L, C_text], got {shape}")
+            if y.shape[0] != B:
+                raise ValueError(f"encoder_hidden_states has batch {y.shape[0]}, hidden_states has {B}")
         if not isinstance(num_cond_latents, int) or num_cond_latents < 0:
             raise ValueError(f"num_cond_latents must be a non-negative int, got {num_cond_latents!r}")
         if kv_cache_dict:
@@ -542,6 +553,25 @@ class LongCatVideoTransformer3DModel(nn.Module):
                 )
         elif num_cond_latents >= T:
             raise ValueError(f"num_cond_latents={num_cond_latents} must be smaller than the number of latent frames T={T}")
+
+    def prepare_text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: Optional[torch.Tensor] = None) -> PreparedText:
+        """Project the text embeddings [B, 1, L, C_text] (or [B, L, C_text]) and pack every
+        sample's valid tokens. The result does not depend on the latents or the timestep: compute
+        it once per prompt and pass it as ``forward(..., prepared_text=)`` at every denoising step
+        (this also keeps the data-dependent packing, a host sync, out of a captured CUDA graph)."""
+        y = encoder_hidden_states
+        if not isinstance(y, torch.Tensor) or y.dim() not in (3, 4) or (y.dim() == 4 and y.shape[1] != 1):
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"encoder_hidden_states must be [B, 1, L, C_text] or [B, L, C_text], got {shape}")
+        if y.shape[-1] != self.config["caption_channels"]:
+            raise ValueError(f"encoder_hidden_states has {y.shape[-1]} channels; caption_channels={self.config['caption_channels']}")
+        B, L = y.shape[0], y.shape[-2]
+        m = encoder_attention_mask
+        if m is not None and (not isinstance(m, torch.Tensor) or m.shape not in ((B, L), (B, 1, 1, L))):
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"encoder_attention_mask must be [B, L] or [B, 1, 1, L] = [{B}, {L}] matching the text length, got {shape}")
+        text, cu = self._pack_text(y.to(self.dtype), m)
+        return PreparedText(text, cu)
 
     def _pack_text(self, y: torch.Tensor, mask: Optional[torch.Tensor]):
         """Project the text and pack every sample's valid tokens into one [L_total, C] sequence;
@@ -575,25 +605,40 @@ class LongCatVideoTransformer3DModel(nn.Module):
         kv_cache_dict: Optional[dict] = None,
         skip_crs_attn: bool = False,
         offload_kv_cache: bool = False,
+        prepared_text: Optional[PreparedText] = None,
     ):
         """Predict the flow for latents [B, C_in, T, H, W] at ``timestep`` ([B], or [B, T] for
         one timestep per latent frame). Returns float32 [B, C_out, T, H, W], and with
         ``return_kv`` also ``{block index: (k, v)}`` (k after the norm, before RoPE), on the CPU
-        when ``offload_kv_cache``."""
+        when ``offload_kv_cache``. ``prepared_text`` (from ``prepare_text``) replaces
+        ``encoder_hidden_states`` and ``encoder_attention_mask``.
+
+        Under context parallelism (``ops.context_parallel``) every rank passes the same inputs
+        and gets the whole output; a KV cache holds every token for that rank's heads."""
         num_cond_latents = int(num_cond_latents or 0)
-        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents, kv_cache_dict, return_kv)
+        if prepared_text is not None:
+            if not isinstance(prepared_text, PreparedText):
+                raise TypeError(f"prepared_text must come from model.prepare_text(), got {type(prepared_text).__name__}")
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise ValueError("pass either prepared_text or encoder_hidden_states/encoder_attention_mask, not both")
+        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents, kv_cache_dict, return_kv, prepared_text)
         B, _, T, H, W = hidden_states.shape
         ph, pw = self.patch_size[1:]
         grid = (T, math.ceil(H / ph), math.ceil(W / pw))
         dtype = self.dtype
         ops = self.ops
+        cp = self._context_parallel(grid)
 
         if timestep.dim() == 1:
             timestep = timestep.unsqueeze(1).expand(B, T)
         x = self.x_embedder(hidden_states.to(dtype))  # [B, N, C]
+        if cp is not None:
+            x = cp.shard_tokens(x, grid)  # this rank's spatial window
         # Upstream casts the timestep to the model dtype before embedding it in float32.
         t = self.t_embedder(timestep.to(dtype).float().reshape(-1)).view(B, T, -1)
-        text, cu_seqlens_k = self._pack_text(encoder_hidden_states.to(dtype), encoder_attention_mask)
+        if prepared_text is None:
+            prepared_text = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
+        text, cu_seqlens_k = prepared_text
 
         kv_out = {}
         for i, block in enumerate(self.blocks):
@@ -613,8 +658,26 @@ class LongCatVideoTransformer3DModel(nn.Module):
                 x = result
 
         x = self.final_layer(x, t, ops)  # [B, N, p_t*p_h*p_w*C_out], float32
+        if cp is not None:
+            x = cp.gather_tokens(x, grid)
         out = self.unpatchify(x, grid)[:, :, :, :H, :W].float()
         return (out, kv_out) if return_kv else out
+
+    def _context_parallel(self, grid):
+        """The op table's ContextParallel (checked against this model and grid), or None."""
+        cp = self.ops.context_parallel
+        split = tuple(self.config["cp_split_hw"])
+        if cp is None:
+            if split != (1, 1):
+                raise RuntimeError(
+                    f"config cp_split_hw={list(split)} asks for context parallelism: pass the process group with "
+                    "longcat.accelerate(model, context_parallel=group)"
+                )
+            return None
+        if split != (1, 1) and tuple(cp.split_hw) != split:
+            raise ValueError(f"the context-parallel split {cp.split_hw} differs from the config's cp_split_hw {list(split)}")
+        cp.check(grid, self.config["num_heads"])
+        return cp
 
     def unpatchify(self, x: torch.Tensor, grid) -> torch.Tensor:
         """[B, N, p_t*p_h*p_w*C_out] -> [B, C_out, T*p_t, H'*p_h, W'*p_w]."""

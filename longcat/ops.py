@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,9 @@ class DiTOps:
     # Run the FFN (modulate, w1/w3, SwiGLU, w2, residual) this many latent frames at a time, so
     # the [N, ffn_hidden] intermediates never exist for the whole sequence (inference only).
     ffn_chunk_frames: Optional[int] = None
+    # A ``longcat.context_parallel.ContextParallel``: blocks see their rank's spatial window of the
+    # tokens and run self-attention on head shards (Ulysses all-to-all). None: one device.
+    context_parallel: Optional[Any] = None
 
     def replace(self, **changes) -> "DiTOps":
         return dataclasses.replace(self, **changes)

@@ -1,7 +1,9 @@
 """A stand-in with the upstream DiT's module tree and calling conventions, for testing
 ``longcat.accelerate`` on a model that is not ours. It is built from the facts of DESIGN.md
 section 3 (names, signatures, text packing); its blocks raise like upstream does when neither
-flash-attn nor xformers is installed."""
+flash-attn nor xformers is installed. With ``cp_split_hw`` it splits the tokens into spatial
+windows over the default process group after the patch embedding and gathers them before
+unpatchifying, as upstream's context-parallel forward does."""
 import math
 
 import torch
@@ -30,9 +32,10 @@ class UpstreamLikeBlock(nn.Module):
 
 class UpstreamLikeDiT(nn.Module):
     def __init__(self, in_channels=16, out_channels=16, hidden_size=256, depth=2, num_heads=2, caption_channels=64,
-                 mlp_ratio=4, adaln_tembed_dim=64, frequency_embedding_size=256, patch_size=(1, 2, 2)):
+                 mlp_ratio=4, adaln_tembed_dim=64, frequency_embedding_size=256, patch_size=(1, 2, 2), cp_split_hw=None):
         super().__init__()
-        self.patch_size, self.out_channels, self.cp_split_hw = tuple(patch_size), out_channels, [1, 1]
+        self.patch_size, self.out_channels = tuple(patch_size), out_channels
+        self.cp_split_hw = list(cp_split_hw or [1, 1])
         self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(adaln_tembed_dim, frequency_embedding_size)
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size)
@@ -54,6 +57,11 @@ class UpstreamLikeDiT(nn.Module):
         if timestep.dim() == 1:
             timestep = timestep[:, None].expand(-1, T)
         x = self.x_embedder(hidden_states)
+        sh, sw = self.cp_split_hw
+        if sh * sw > 1:  # this rank's spatial window, windows numbered row-major
+            i, j = divmod(torch.distributed.get_rank(), sw)
+            h, w = grid[1] // sh, grid[2] // sw
+            x = x.view(B, T, grid[1], grid[2], -1)[:, :, i * h:(i + 1) * h, j * w:(j + 1) * w].reshape(B, T * h * w, -1)
         t = self.t_embedder(timestep.float().flatten()).reshape(B, T, -1)
         y = self.y_embedder(encoder_hidden_states)  # [B, 1, L, C]
         mask = encoder_attention_mask.squeeze(1).squeeze(1)
@@ -68,5 +76,9 @@ class UpstreamLikeDiT(nn.Module):
             else:
                 x = out
         x = self.final_layer(x, t, REFERENCE_OPS)
+        if sh * sw > 1:
+            parts = [torch.empty_like(x) for _ in range(sh * sw)]
+            torch.distributed.all_gather(parts, x.contiguous())
+            x = torch.stack(parts).view(sh, sw, B, T, h, w, -1).permute(2, 3, 0, 4, 1, 5, 6).reshape(B, T * H // 2 * W // 2, -1)
         x = x.view(B, *grid, 1, 2, 2, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, T, H, W)
         return (x.float(), kv_out) if return_kv else x.float()

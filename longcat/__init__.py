@@ -14,6 +14,7 @@ if _os.path.isfile(_os.path.join(_checkout_root, "kernels", "_runtime.py")) and 
 
 from .model import LongCatVideoTransformer3DModel  # noqa: E402
 from .accelerate import accelerate, acceleration_report, restore  # noqa: E402
+from .cuda_graphs import CUDAGraphStep  # noqa: E402
 from .memory_plan import MemoryPlan, plan_memory  # noqa: E402
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS  # noqa: E402
 from .presets import PRESETS, get_preset  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "accelerate",
     "acceleration_report",
     "restore",
+    "CUDAGraphStep",
     "plan_memory",
     "MemoryPlan",
     "DiTOps",

@@ -181,6 +181,7 @@ def accelerate(
     offload: Optional[str] = None,
     compile: Union[bool, dict] = False,
     ffn_chunk_frames: Optional[int] = None,
+    attention_chunk_frames: Optional[int] = None,
     context_parallel=None,
     ops: Optional[DiTOps] = None,
     verbose: bool = False,
@@ -197,7 +198,11 @@ def accelerate(
         the GPU just before it runs, the next one prefetched on a side stream.
     compile: wrap each block's forward in ``torch.compile`` (True, or a dict of torch.compile
         keyword arguments such as ``{"backend": "aot_eager", "fullgraph": True}``).
-    ffn_chunk_frames: run the FFN this many latent frames at a time (lower activation peak).
+    ffn_chunk_frames: run the FFN and the final layer this many latent frames at a time.
+    attention_chunk_frames: run whole blocks this many latent frames of queries at a time
+        (inference): only the residual stream and the self-attention K and V span the sequence,
+        the smallest activation peak (``longcat.model.chunked_block_forward``). Not combined with
+        context parallelism, which already divides the activations over the ranks.
     context_parallel: Ulysses context parallelism (``longcat.context_parallel``): a
         ``ContextParallel``, or a process group (its split is the model's ``cp_split_hw`` when that
         is set, else ``balanced_split``). Each rank holds a spatial window of the tokens and
@@ -214,11 +219,13 @@ def accelerate(
     if bsa is not None and not isinstance(bsa, (bool, dict)):
         raise TypeError(f"bsa must be None, a bool or a dict of bsa_params, got {type(bsa).__name__}")
     if ops is None:
-        ops = kernel_ops(attention, fused, ffn_chunk_frames)
+        ops = kernel_ops(attention, fused, ffn_chunk_frames, attention_chunk_frames)
     elif not isinstance(ops, DiTOps):
         raise TypeError(f"ops must be a longcat.ops.DiTOps, got {type(ops).__name__}")
     cp = _resolve_context_parallel(model, kind, context_parallel)
     if cp is not None:
+        if ops.attention_chunk_frames:
+            raise ValueError("attention_chunk_frames cannot be combined with context parallelism (each rank already holds 1/size of the activations)")
         ops = ops.replace(context_parallel=cp)
     if isinstance(bsa, dict):
         from .model import _bsa_kwargs

@@ -25,6 +25,7 @@ __all__ = [
     "self_attention_forward",
     "self_attention_with_kv_cache",
     "cross_attention_forward",
+    "chunked_block_forward",
     "LongCatBlock",
     "SelfAttention",
     "CrossAttention",
@@ -136,10 +137,19 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(t_embed_dim, t_embed_dim, bias=True),
         )
 
-    @staticmethod
-    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    # Frequencies per (dim, period, device): computed on the CPU as upstream does, copied to the
+    # device once, so a forward pass makes no host-to-device copy (CUDA-graph capture forbids one).
+    _FREQS: Dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def sinusoidal(cls, t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        key = (half, float(max_period), t.device)
+        freqs = cls._FREQS.get(key)
+        if freqs is None:
+            freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+            if not t.is_meta:
+                cls._FREQS[key] = freqs
         args = t.float()[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -270,20 +280,30 @@ def self_attention_with_kv_cache(attn, x, ops: DiTOps, grid, num_cond_latents: i
     return _merge_heads(attn, ops, _attend(attn, ops, q, k_full, v_full, grid, T), grid)
 
 
+def text_keys_values(cross, ops: DiTOps, text):
+    """Keys (RMS-normed) and values of the packed text [L_total, C] for ``cross_attn``:
+    each [L_total, heads, D]."""
+    k, v = cross.kv_linear(text).view(-1, 2, cross.num_heads, cross.head_dim).unbind(1)
+    return ops.rms_norm(k, cross.k_norm.weight, cross.k_norm.eps), v
+
+
+def cross_attention_queries(cross, xq, ops: DiTOps, text_kv, cu_seqlens_k):
+    """Cross-attention output [B, Nq, C] of the queries xq [B, Nq, C] over each sample's text."""
+    B, Nq, C = xq.shape
+    k, v = text_kv
+    q = ops.rms_norm(cross.q_linear(xq).reshape(B * Nq, cross.num_heads, cross.head_dim), cross.q_norm.weight, cross.q_norm.eps)
+    cu_q = torch.arange(B + 1, device=xq.device, dtype=torch.int32) * Nq
+    # Static upper bounds for the sequence lengths: no host sync, no graph break under torch.compile.
+    return cross.proj(ops.varlen_attention(q, k, v, cu_q, cu_seqlens_k, Nq, k.shape[0]).reshape(B, Nq, C))
+
+
 def cross_attention_forward(cross, x, ops: DiTOps, text, cu_seqlens_k, num_skip_tokens: int = 0):
     """Text cross-attention of a block's ``cross_attn`` module: x [B, N, C]; text [L_total, C]
     packed with offsets ``cu_seqlens_k``; the first ``num_skip_tokens`` tokens of every sample
     (condition frames) get no cross-attention (output 0, as upstream)."""
     B, N, C = x.shape
     xq = x[:, num_skip_tokens:] if num_skip_tokens else x
-    Nq = xq.shape[1]
-    q = cross.q_linear(xq).reshape(B * Nq, cross.num_heads, cross.head_dim)
-    k, v = cross.kv_linear(text).view(-1, 2, cross.num_heads, cross.head_dim).unbind(1)
-    q = ops.rms_norm(q, cross.q_norm.weight, cross.q_norm.eps)
-    k = ops.rms_norm(k, cross.k_norm.weight, cross.k_norm.eps)
-    cu_q = torch.arange(B + 1, device=x.device, dtype=torch.int32) * Nq
-    # Static upper bounds for the sequence lengths: no host sync, no graph break under torch.compile.
-    out = cross.proj(ops.varlen_attention(q, k, v, cu_q, cu_seqlens_k, Nq, text.shape[0]).reshape(B, Nq, C))
+    out = cross_attention_queries(cross, xq, ops, text_keys_values(cross, ops, text), cu_seqlens_k)
     if num_skip_tokens:
         out = torch.cat([out.new_zeros(B, num_skip_tokens, C), out], dim=1)
     return out
@@ -308,6 +328,8 @@ def block_forward(
     x [B, N, C]; t [B, T, C_t] float32 (one row per latent frame); text [L_total, C] packed.
     """
     T, H, W = grid
+    if ops.attention_chunk_frames and ops.context_parallel is None and not torch.is_grad_enabled():
+        return chunked_block_forward(block, x, t, text, cu_seqlens_k, grid, ops, num_cond_latents, return_kv, kv_cache, skip_crs_attn)
     # [B, T, 6C] in float32: one modulation row per latent frame.
     mod = fp32_linear(block.adaLN_modulation[1], F.silu(t.float()))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
@@ -357,6 +379,109 @@ def block_forward(
     else:
         x = ops.gated_residual(x, ffn.w2(ops.swiglu(ffn.w1(x_m), ffn.w3(x_m))), gate_mlp)
     return (x, kv) if return_kv else x
+
+
+def linear_rows(module: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Output features [start, stop) of a Linear-like module, computing only those where the
+    module allows it (nn.Linear, QuantizedLinear); any other module (a LoRA wrapper, a peer's
+    quantized layer) runs whole and is sliced."""
+    if "forward" not in vars(module):
+        if type(module) is nn.Linear:
+            bias = None if module.bias is None else module.bias[start:stop]
+            return F.linear(x, module.weight[start:stop], bias)
+        if hasattr(module, "forward_rows"):
+            return module.forward_rows(x, start, stop)
+    return module(x)[..., start:stop]
+
+
+def _frame_chunks(start: int, stop: int, size: int):
+    return [(f, min(stop, f + size)) for f in range(start, stop, size)]
+
+
+def chunked_block_forward(
+    block, x, t, text, cu_seqlens_k, grid, ops: DiTOps, num_cond_latents=0, return_kv=False, kv_cache=None, skip_crs_attn=False,
+):
+    """``block_forward`` for inference, ``ops.attention_chunk_frames`` latent frames at a time.
+
+    Pass 1 builds K (normed, RoPE'd) and V of every token chunk by chunk; pass 2 takes each chunk
+    of queries through self-attention, cross-attention and the FFN with their residuals, and
+    writes the chunk's rows of ``x`` in place (every K and V is already built, so no later chunk
+    reads them). So apart from x, K and V, no tensor spans the sequence: the modulated input,
+    qkv, q, the attention output and the FFN intermediates exist for one chunk at a time. The
+    math is ``block_forward``'s op for op. Block-sparse chunks are whole query tiles, starting
+    where upstream's tiles start (frame 0, or the first noise frame on the condition path).
+    ``x`` (a tensor the model made for this block) is overwritten with the output."""
+    T, H, W = grid
+    B, N, C = x.shape
+    L = N // T
+    attn, cross, norm = block.attn, block.cross_attn, block.pre_crs_attn_norm
+    heads, D = attn.num_heads, attn.head_dim
+    mod = fp32_linear(block.adaLN_modulation[1], F.silu(t.float()))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+    size = int(ops.attention_chunk_frames)
+    if getattr(attn, "enable_bsa", False) and T > 1:
+        tile_t = _bsa_kwargs(attn.bsa_params)["tile"][0]
+        size = -(-size // tile_t) * tile_t
+
+    # Frames of x sit after the cached frames on the RoPE grid.
+    offset = num_cond_latents if kv_cache is not None else 0
+    n_cache = 0 if kv_cache is None else kv_cache[0].shape[2]
+    K = x.new_empty(B, heads, n_cache + N, D)
+    V = x.new_empty(B, heads, n_cache + N, D)
+    k_pre = x.new_empty(B, heads, N, D) if return_kv else None
+    if kv_cache is not None:
+        k_cache, v_cache = (c.expand(B, -1, -1, -1) if c.shape[0] == 1 else c for c in kv_cache)
+        for f0, f1 in _frame_chunks(0, num_cond_latents, size):
+            K[:, :, f0 * L:f1 * L] = ops.rope_3d(k_cache[:, :, f0 * L:f1 * L].to(x.dtype), (f1 - f0, H, W), f0)
+        V[:, :, :n_cache] = v_cache
+    for f0, f1 in _frame_chunks(0, T, size):
+        rows = slice(f0 * L, f1 * L)
+        x_m = ops.layer_norm_modulate(x[:, rows], shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
+        kv = linear_rows(attn.qkv, x_m, C, 3 * C).view(B, -1, 2, heads, D).permute(2, 0, 3, 1, 4)
+        k = ops.rms_norm(kv[0], attn.k_norm.weight, attn.k_norm.eps)
+        if return_kv:
+            k_pre[:, :, rows] = k
+        K[:, :, n_cache + rows.start:n_cache + rows.stop] = ops.rope_3d(k, (f1 - f0, H, W), offset + f0)
+        V[:, :, n_cache + rows.start:n_cache + rows.stop] = kv[1]
+
+    # Query segments with the keys they see: condition frames attend to condition keys only.
+    if kv_cache is None and num_cond_latents:
+        segments = [(0, num_cond_latents, num_cond_latents * L), (num_cond_latents, T, N)]
+    else:
+        segments = [(0, T, n_cache + N)]
+    text_kv = None if skip_crs_attn else text_keys_values(cross, ops, text)
+    fused = ops.gated_residual_layer_norm
+    ffn = block.ffn
+    for seg_start, seg_stop, n_keys in segments:
+        k_seg, v_seg = K[:, :, :n_keys], V[:, :, :n_keys]
+        for f0, f1 in _frame_chunks(seg_start, seg_stop, size):
+            rows = slice(f0 * L, f1 * L)
+            xs = x[:, rows]
+            x_m = ops.layer_norm_modulate(xs, shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
+            q = linear_rows(attn.qkv, x_m, 0, C).view(B, -1, heads, D).transpose(1, 2)
+            q = ops.rope_3d(ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), (f1 - f0, H, W), offset + f0)
+            attn_out = _merge_heads(attn, ops, _attend(attn, ops, q, k_seg, v_seg, grid, T), grid)
+            gate, shift, scale = gate_msa[:, f0:f1], shift_mlp[:, f0:f1], scale_mlp[:, f0:f1]
+            # Condition frames (without a cache) get no text attention, as in block_forward.
+            with_text = not skip_crs_attn and (kv_cache is not None or f0 >= num_cond_latents)
+            if with_text and fused is not None:
+                xs, normed = fused(xs, attn_out, gate, None, None, norm.weight, norm.bias, norm.eps)
+                cross_out = cross_attention_queries(cross, normed, ops, text_kv, cu_seqlens_k)
+                xs, x_m = fused(xs, cross_out, None, shift, scale, None, None, NORM_EPS)
+            elif with_text:
+                xs = ops.gated_residual(xs, attn_out, gate)
+                normed = ops.layer_norm_modulate(xs, None, None, norm.weight, norm.bias, norm.eps)
+                xs = xs + cross_attention_queries(cross, normed, ops, text_kv, cu_seqlens_k)
+                x_m = ops.layer_norm_modulate(xs, shift, scale, None, None, NORM_EPS)
+            elif fused is not None:
+                xs, x_m = fused(xs, attn_out, gate, shift, scale, None, None, NORM_EPS)
+            else:
+                xs = ops.gated_residual(xs, attn_out, gate)
+                x_m = ops.layer_norm_modulate(xs, shift, scale, None, None, NORM_EPS)
+            x[:, rows] = ops.gated_residual(xs, ffn.w2(ops.swiglu(ffn.w1(x_m), ffn.w3(x_m))), gate_mlp[:, f0:f1])
+    if return_kv:
+        return x, (k_pre, V)
+    return x
 
 
 class SelfAttention(nn.Module):
@@ -416,7 +541,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, ops: DiTOps) -> torch.Tensor:
         shift, scale = fp32_linear(self.adaLN_modulation[1], F.silu(t.float())).chunk(2, dim=-1)
         T = t.shape[1]
-        chunk = ops.ffn_chunk_frames
+        chunk = ops.ffn_chunk_frames or ops.attention_chunk_frames
         if not chunk or chunk >= T or torch.is_grad_enabled():
             return fp32_linear(self.linear, ops.layer_norm_modulate(x.float(), shift, scale, None, None, NORM_EPS))
         # Frame chunks: the float32 copies of the hidden states exist for a few frames at a time.

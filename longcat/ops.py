@@ -56,6 +56,9 @@ class DiTOps:
     # Run the FFN (modulate, w1/w3, SwiGLU, w2, residual) this many latent frames at a time, so
     # the [N, ffn_hidden] intermediates never exist for the whole sequence (inference only).
     ffn_chunk_frames: Optional[int] = None
+    # Run whole blocks this many latent frames of queries at a time (``chunked_block_forward``):
+    # only the residual stream x and the self-attention K and V span the sequence (inference only).
+    attention_chunk_frames: Optional[int] = None
     # A ``longcat.context_parallel.ContextParallel``: blocks see their rank's spatial window of the
     # tokens and run self-attention on head shards (Ulysses all-to-all). None: one device.
     context_parallel: Optional[Any] = None
@@ -108,7 +111,9 @@ SDPA_OPS = REFERENCE_OPS.replace(name="sdpa", dense_attention=sdpa_attention, va
 ATTENTION_BACKENDS = ("auto", "bsa", "dense", "sdpa", "reference")
 
 
-def kernel_ops(attention: str = "auto", fused: bool = True, ffn_chunk_frames: Optional[int] = None) -> DiTOps:
+def kernel_ops(
+    attention: str = "auto", fused: bool = True, ffn_chunk_frames: Optional[int] = None, attention_chunk_frames: Optional[int] = None,
+) -> DiTOps:
     """The op table for an attention backend and fused/unfused element-wise ops.
 
     attention:
@@ -123,6 +128,9 @@ def kernel_ops(attention: str = "auto", fused: bool = True, ffn_chunk_frames: Op
     """
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    for name, value in (("ffn_chunk_frames", ffn_chunk_frames), ("attention_chunk_frames", attention_chunk_frames)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be None or a positive int (latent frames), got {value!r}")
     if attention == "auto":
         attention = "bsa"
     base = {"sdpa": SDPA_OPS}.get(attention, REFERENCE_OPS)
@@ -174,4 +182,4 @@ def kernel_ops(attention: str = "auto", fused: bool = True, ffn_chunk_frames: Op
             gated_residual_layer_norm=fused_residual_norm,
         )
     name = f"{attention}+{'fused' if fused else 'unfused'}"
-    return base.replace(name=name, ffn_chunk_frames=ffn_chunk_frames, **changes)
+    return base.replace(name=name, ffn_chunk_frames=ffn_chunk_frames, attention_chunk_frames=attention_chunk_frames, **changes)

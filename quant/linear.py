@@ -110,13 +110,19 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(self.weight_q, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
+        return self.forward_rows(x, 0, self.out_features)
+
+    def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output features [start, stop) only (per-channel scales: a row slice of the weight is a
+        quantized Linear of its own)."""
+        rows = slice(start, stop)
+        bias = None if self.bias is None else self.bias[rows]
         if bias is not None and bias.dtype != x.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
             bias = bias.to(x.dtype)
         if self.dynamic:
             x_q, x_scale = quantize_per_token(x, self.weight_dtype)
-            return dynamic_linear(x_q, x_scale, self.weight_q, self.weight_scale, bias, x.dtype)
-        return weight_only_linear(x, self.weight_q, self.weight_scale, bias)
+            return dynamic_linear(x_q, x_scale, self.weight_q[rows], self.weight_scale[rows], bias, x.dtype)
+        return weight_only_linear(x, self.weight_q[rows], self.weight_scale[rows], bias)
 
     def _apply(self, fn, recurse=True):
         # Let device moves through but keep the quantized buffers' dtypes (see module docstring).

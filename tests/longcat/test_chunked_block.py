@@ -1,0 +1,151 @@
+"""Frame-chunked blocks (``attention_chunk_frames``): the same results as whole-sequence blocks on
+every path, and no whole-sequence tensor besides x, K and V."""
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import longcat
+from longcat import LongCatVideoTransformer3DModel, accelerate
+from longcat.model import chunked_block_forward
+from longcat.ops import kernel_ops
+
+BSA = {"sparsity": 0.5, "chunk_3d_shape_q": [2, 2, 4]}
+
+
+def _model(bsa=False):
+    torch.manual_seed(5)
+    m = LongCatVideoTransformer3DModel.from_preset("tiny", num_heads=4).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    if bsa:
+        m.blocks[0].attn.bsa_params = m.blocks[1].attn.bsa_params = BSA
+        m.enable_bsa()
+    return m
+
+
+def _inputs(gen, B=2, T=5, H=8, W=8, L=6):
+    x = torch.randn(B, 16, T, H, W, generator=gen)
+    t = torch.rand(B, generator=gen) * 1000
+    y = torch.randn(B, 1, L, 64, generator=gen)
+    mask = torch.ones(B, 1, 1, L, dtype=torch.int64)
+    mask[-1, ..., 3:] = 0
+    return x, t, y, mask
+
+
+def _paths(model, x, t, y, mask):
+    """Plain, condition (2 frames), cache building and KV-cache outputs."""
+    with torch.no_grad():
+        T = x.shape[2]
+        plain = model(x, t, y, mask)
+        t_frames = torch.cat([torch.zeros(x.shape[0], 2), t[:, None].expand(-1, T - 2)], 1)
+        cond = model(x, t_frames, y, mask, num_cond_latents=2)
+        _, cache = model(x[:, :, :2], torch.zeros(x.shape[0], 2), y, mask, return_kv=True, skip_crs_attn=True)
+        kv = model(x[:, :, 2:], t, y, mask, num_cond_latents=2, kv_cache_dict=cache)
+    return {"plain": plain, "cond": cond, "cache k": cache[1][0], "cache v": cache[1][1], "kv-cache": kv}
+
+
+# (attention, fused ops, BSA on, frames per chunk, batch): the Triton cases (interpreter on the
+# CPU) are kept small; chunk 1 with BSA tiles of 2 frames is rounded up to 2.
+CASES = [
+    ("reference", False, False, 1, 2),
+    ("reference", False, False, 3, 2),
+    ("sdpa", False, False, 2, 2),
+    ("dense", True, False, 3, 2),
+    ("bsa", True, True, 1, 1),
+]
+
+
+@pytest.mark.parametrize("attention, fused, bsa, chunk, batch", CASES)
+def test_chunked_blocks_match_whole_blocks(gen, attention, fused, bsa, chunk, batch):
+    inputs = _inputs(gen, B=batch)
+    want = _paths(accelerate(_model(bsa), attention=attention, fused=fused), *inputs)
+    m = accelerate(_model(bsa), attention=attention, fused=fused, attention_chunk_frames=chunk)
+    got = _paths(m, *inputs)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+def test_block_sparse_chunks_keep_upstream_tiles(gen):
+    """With tile t = 2 a chunk of 1 frame is rounded up to whole tiles, and on the condition path
+    the noise tiles start at the first noise frame: selection and output equal the reference's."""
+    inputs = _inputs(gen)
+    want = _paths(_model(bsa=True).set_ops(longcat.REFERENCE_OPS), *inputs)
+    got = _paths(_model(bsa=True).set_ops(longcat.REFERENCE_OPS.replace(attention_chunk_frames=1)), *inputs)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+def test_quantized_and_wrapped_linears(gen):
+    """QuantizedLinear computes only the rows it is asked for; a Linear whose forward was replaced
+    (a LoRA-style wrapper) runs whole and is sliced. Both give the unchunked results."""
+    inputs = _inputs(gen, T=3)
+
+    def wrapped(model):
+        for block in model.blocks:
+            qkv = block.attn.qkv
+            down = torch.randn(4, qkv.in_features, generator=torch.Generator().manual_seed(1)) * 0.05
+            up = torch.randn(qkv.out_features, 4, generator=torch.Generator().manual_seed(2)) * 0.05
+            qkv.forward = types.MethodType(lambda self, x, d=down, u=up: torch.nn.functional.linear(x, self.weight, self.bias) + x @ d.T @ u.T, qkv)
+        return model
+
+    for make in (lambda: accelerate(_model(), attention="sdpa", fused=False, quantize="int8"),
+                 lambda: wrapped(accelerate(_model(), attention="sdpa", fused=False))):
+        want = _paths(make(), *inputs)
+        m = make()
+        m.set_ops(m.ops.replace(attention_chunk_frames=1))
+        got = _paths(m, *inputs)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+class _LargeStorages(TorchDispatchMode):
+    """Records the storages of op outputs holding at least ``min_bytes``."""
+
+    def __init__(self, min_bytes):
+        super().__init__()
+        self.min_bytes, self.seen = min_bytes, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes() >= self.min_bytes:
+                self.seen[o.untyped_storage().data_ptr()] = str(func)
+        return out
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_only_k_and_v_span_the_sequence(gen, chunked):
+    """Inside a chunked block no tensor as large as the residual stream is made except K and V
+    (the whole-sequence block makes many: the check can fail)."""
+    m = _model()
+    block = m.blocks[0]
+    B, T, H, W, C = 1, 6, 4, 4, 256
+    N = T * H * W
+    x = torch.randn(B, N, C, generator=gen)
+    t = torch.randn(B, T, 64, generator=gen)
+    text = torch.randn(5, C, generator=gen)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    ops = longcat.SDPA_OPS.replace(attention_chunk_frames=1)
+    rec = _LargeStorages(x.untyped_storage().nbytes())
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    with torch.no_grad(), rec:
+        if chunked:
+            chunked_block_forward(block, x.clone(), t, text, cu, (T, H, W), ops)
+        else:
+            longcat.model.block_forward(block, x.clone(), t, text, cu, (T, H, W), longcat.SDPA_OPS)
+    big = len(set(rec.seen) - weights) - 1  # minus the clone of x
+    if chunked:
+        assert big == 2, rec.seen
+    else:
+        assert big > 2, rec.seen
+
+
+def test_chunk_arguments_are_checked():
+    with pytest.raises(ValueError, match="attention_chunk_frames must be None or a positive int"):
+        kernel_ops("sdpa", attention_chunk_frames=0)
+    with pytest.raises(ValueError, match="ffn_chunk_frames must be None or a positive int"):
+        accelerate(_model(), attention="sdpa", ffn_chunk_frames=-1)

@@ -185,6 +185,12 @@ PLANNER_CONFIGS = [
     ("720p/fp8-bsa-fused", (48, 88, 160), 1, dict(weights="fp8", fused=True, attention="bsa")),
     ("720p/int8-bsa-fused-chunked", (48, 88, 160), 1, dict(weights="int8", fused=True, attention="bsa", ffn_chunk_frames=8)),
     ("720p/int8-bsa-fused-offload", (48, 88, 160), 1, dict(weights="int8", fused=True, attention="bsa", offload="blocks")),
+    ("720p/fp8-bsa-chunked-blocks", (48, 88, 160), 1,
+     dict(weights="fp8", fused=True, attention="bsa", attention_chunk_frames=4, ffn_chunk_frames=1)),
+    ("720p/int8-dense-chunked-blocks", (48, 88, 160), 1, dict(weights="int8", fused=True, attention="dense", attention_chunk_frames=1)),
+    ("720p/int8-bsa-chunked-blocks-offload", (48, 88, 160), 1,
+     dict(weights="int8", fused=True, attention="bsa", attention_chunk_frames=4, ffn_chunk_frames=1, offload="blocks")),
+    ("720p/bf16-bsa-fused-cp4", (48, 88, 160), 1, dict(weights="bf16", fused=True, attention="bsa", context_parallel=4)),
 ]
 
 

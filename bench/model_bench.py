@@ -38,6 +38,14 @@ MODEL_CONFIGS = {
     "int8-offload": ModelConfig("int8-offload", "accelerated + int8 weights + block offload",
                                 dict(attention="auto", fused=True, bsa=True, quantize="int8", offload="blocks"),
                                 dict(weights="int8", fused=True, attention="bsa", offload="blocks")),
+    # The smallest-memory settings: blocks run 4 frames of queries at a time, their FFN 1 frame.
+    "fp8-chunked": ModelConfig("fp8-chunked", "accelerated + fp8 weights + frame-chunked blocks",
+                               dict(attention="auto", fused=True, bsa=True, quantize="fp8", attention_chunk_frames=4, ffn_chunk_frames=1),
+                               dict(weights="fp8", fused=True, attention="bsa", attention_chunk_frames=4, ffn_chunk_frames=1)),
+    "int8-chunked-offload": ModelConfig(
+        "int8-chunked-offload", "accelerated + int8 weights + frame-chunked blocks + block offload",
+        dict(attention="auto", fused=True, bsa=True, quantize="int8", attention_chunk_frames=4, ffn_chunk_frames=1, offload="blocks"),
+        dict(weights="int8", fused=True, attention="bsa", attention_chunk_frames=4, ffn_chunk_frames=1, offload="blocks")),
 }
 
 

@@ -46,7 +46,8 @@ class MemoryPlan:
         lines = [
             f"memory plan: {s.get('preset')} at latent {s.get('latent')} ({self.tokens:,} tokens x batch {self.batch}), "
             f"weights {s.get('weights')}, attention {s.get('attention')}, fused={s.get('fused')}, "
-            f"ffn_chunk_frames={s.get('ffn_chunk_frames')}, offload={s.get('offload')}",
+            f"ffn_chunk_frames={s.get('ffn_chunk_frames')}, attention_chunk_frames={s.get('attention_chunk_frames')}, "
+            f"offload={s.get('offload')}, context_parallel={s.get('context_parallel')}",
             f"  weights on the GPU       {self.weights_resident_bytes / GB:8.2f} GB (of {self.weights_total_bytes / GB:.2f} GB)",
             f"  activation peak          {self.activation_peak_bytes / GB:8.2f} GB",
         ]
@@ -81,9 +82,11 @@ def plan_memory(
     fused: bool = True,
     attention: str = "bsa",
     ffn_chunk_frames: Optional[int] = None,
+    attention_chunk_frames: Optional[int] = None,
     offload: Optional[str] = None,
     text_len: int = 512,
     num_cond_latents: int = 0,
+    context_parallel: int = 1,
 ) -> MemoryPlan:
     """Peak memory of one forward pass of the DiT.
 
@@ -92,7 +95,11 @@ def plan_memory(
     fused: the fused Triton element-wise ops (False: the reference's eager float32 temporaries).
     attention: "bsa" / "dense" / "sdpa" need no [N, N] matrix; "reference" materialises it.
     ffn_chunk_frames: FFN run this many latent frames at a time.
+    attention_chunk_frames: whole blocks run this many latent frames of queries at a time
+        (``chunked_block_forward``): only x, K and V span the sequence.
     offload: "blocks" keeps two blocks' weights on the GPU (current and prefetched).
+    context_parallel: number of ranks of Ulysses context parallelism; the plan is per GPU (weights
+        replicated, tokens split, plus the all-to-all buffers).
     """
     if isinstance(model_or_config, LongCatVideoTransformer3DModel):
         config, preset = dict(model_or_config.config), "model"
@@ -108,6 +115,13 @@ def plan_memory(
         if None in (frames, height, width):
             raise ValueError("give latent=(T, H, W) or frames, height and width")
         latent = latent_grid_for_video(frames, height, width)
+    for name, value in (("ffn_chunk_frames", ffn_chunk_frames), ("attention_chunk_frames", attention_chunk_frames)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+    if not isinstance(context_parallel, int) or context_parallel < 1:
+        raise ValueError(f"context_parallel must be a positive int (ranks), got {context_parallel!r}")
+    if attention_chunk_frames and context_parallel > 1:
+        raise ValueError("attention_chunk_frames is not combined with context parallelism")
     T, H, W = (int(v) for v in latent)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(weights, torch.bfloat16)
     model = _meta_model(config, weights, act_dtype)
@@ -125,16 +139,27 @@ def plan_memory(
     F = ffn_hidden_size(C, config.get("mlp_ratio", 4))
     heads = config["num_heads"]
     a = torch.finfo(act_dtype).bits // 8  # activation bytes per element
-    BN = batch * n
+    BN = batch * n // context_parallel  # tokens on one GPU
     x = BN * C * a  # one residual-stream tensor
     f32 = BN * C * 4
 
     # Tensors alive at the worst point of each phase of a block (beyond the residual stream x).
     phases: Dict[str, int] = {}
-    if fused:
+    chunk = T if not ffn_chunk_frames else min(T, ffn_chunk_frames)
+    if attention_chunk_frames:
+        # K and V of every token stay alive through the block; per chunk: modulated x, q / k / v
+        # and their normed and rotated copies, attention and text-attention outputs, FFN.
+        achunk = attention_chunk_frames
+        if attention in ("bsa", "auto"):
+            achunk = -(-achunk // 4) * 4  # chunks are whole block-sparse query tiles (4 frames)
+        achunk = min(T, achunk)
+        chunk = achunk
+        phases["self-attention (chunked)"] = 2 * x + 6 * x * achunk // T
+        fchunk = min(achunk, ffn_chunk_frames or achunk)
+        phases["ffn (chunked)"] = 2 * x + x * achunk // T + 3 * BN * F * a * fchunk // T
+    elif fused:
         phases["self-attention"] = x + 2 * (3 * x) + x  # modulated x, qkv + (q, k, v), attention output
         phases["residual + norms"] = 3 * x
-        chunk = T if not ffn_chunk_frames else min(T, ffn_chunk_frames)
         phases["ffn"] = x + (3 * BN * F * a) * chunk // T  # x_m, w1 and w3 outputs and the SwiGLU product
     else:
         # Eager reference: float32 copies in LayerNorm-modulate (input, normalised, modulated) and in
@@ -142,17 +167,21 @@ def plan_memory(
         phases["modulate"] = 3 * f32 + x
         phases["self-attention"] = x + 3 * x + 2 * x + 4 * (f32 // 2) * 2
         phases["residual + norms"] = 2 * f32 + x
-        chunk = T if not ffn_chunk_frames else min(T, ffn_chunk_frames)
         phases["ffn"] = x + (4 * BN * F * a) * chunk // T
+    attn_phase = "self-attention (chunked)" if attention_chunk_frames else "self-attention"
+    q_frac = (chunk / T) if attention_chunk_frames else 1.0  # queries at once
+    local_heads = heads // context_parallel if heads % context_parallel == 0 else heads
+    if context_parallel > 1:
+        phases[attn_phase] += 3 * x + 2 * x  # qkv all-to-all send/receive, then the output's
     if attention == "reference":
-        phases["self-attention"] += 2 * batch * heads * n * n * 4  # scores and probabilities in fp32
+        phases[attn_phase] += int(2 * batch * local_heads * n * n * q_frac) * 4  # scores and probabilities in fp32
     if attention in ("bsa", "auto"):
         tiles = math.ceil(T / 4) * math.ceil(math.ceil(H / ph) / 4) * math.ceil(math.ceil(W / pw) / 8)
-        phases["self-attention"] += batch * heads * tiles * tiles * (4 + 4)  # gating scores + sorted indices
+        phases[attn_phase] += int(batch * local_heads * tiles * tiles * q_frac) * (4 + 4)  # gating scores + sorted indices
     text = batch * text_len * C * a * 4  # projected text, k, v
     kv_cache = 0
     if num_cond_latents:
-        kv_cache = len(model.blocks) * 2 * batch * num_cond_latents * (n // T) * C * a
+        kv_cache = len(model.blocks) * 2 * batch * num_cond_latents * (n // T) * C * a // context_parallel
     # The final layer runs in float32: upcast copy, normalised/modulated copy (and one more
     # temporary in the eager reference); frame-chunked together with the FFN.
     final = (2 if fused else 3) * f32 * chunk // T
@@ -163,6 +192,7 @@ def plan_memory(
         phases["kv cache"] = kv_cache
     peak = resident + activation_peak
     settings = dict(preset=preset, latent=(T, H, W), weights=weights, fused=fused, attention=attention,
-                    ffn_chunk_frames=ffn_chunk_frames, offload=offload, text_len=text_len)
+                    ffn_chunk_frames=ffn_chunk_frames, attention_chunk_frames=attention_chunk_frames, offload=offload,
+                    text_len=text_len, context_parallel=context_parallel)
     return MemoryPlan(tokens=n, batch=batch, weights_resident_bytes=int(resident), weights_total_bytes=int(total),
                       activation_peak_bytes=int(activation_peak), peak_bytes=int(peak), phase_bytes=phases, settings=settings)

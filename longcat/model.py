@@ -410,7 +410,8 @@ def chunked_block_forward(
     qkv, q, the attention output and the FFN intermediates exist for one chunk at a time. The
     math is ``block_forward``'s op for op. Block-sparse chunks are whole query tiles, starting
     where upstream's tiles start (frame 0, or the first noise frame on the condition path).
-    ``x`` (a tensor the model made for this block) is overwritten with the output."""
+    ``x`` (a tensor the model made for this block) is overwritten with the output. A smaller
+    ``ops.ffn_chunk_frames`` splits each chunk's FFN further."""
     T, H, W = grid
     B, N, C = x.shape
     L = N // T
@@ -478,7 +479,12 @@ def chunked_block_forward(
             else:
                 xs = ops.gated_residual(xs, attn_out, gate)
                 x_m = ops.layer_norm_modulate(xs, shift, scale, None, None, NORM_EPS)
-            x[:, rows] = ops.gated_residual(xs, ffn.w2(ops.swiglu(ffn.w1(x_m), ffn.w3(x_m))), gate_mlp[:, f0:f1])
+            # The FFN intermediates are the widest tensors: ffn_chunk_frames can split a chunk further.
+            sub = min(ops.ffn_chunk_frames or (f1 - f0), f1 - f0)
+            for s0, s1 in _frame_chunks(f0, f1, sub):
+                r = slice((s0 - f0) * L, (s1 - f0) * L)
+                ms = x_m[:, r]
+                x[:, s0 * L:s1 * L] = ops.gated_residual(xs[:, r], ffn.w2(ops.swiglu(ffn.w1(ms), ffn.w3(ms))), gate_mlp[:, s0:s1])
     if return_kv:
         return x, (k_pre, V)
     return x

@@ -20,7 +20,7 @@ GPU_COMMANDS = [
     ("accuracy (bf16 / fp16 / fp32 kernels, quantization formats, planner)",
      "longcat-bench accuracy --json bench/results/accuracy-h200.json"),
     ("model step: reference vs accelerated configurations (480p)",
-     "longcat-bench model --compare --warmup 1 --repeats 2 --json bench/results/model-h200.json"),
+     "longcat-bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json bench/results/model-h200.json"),
     ("memory per configuration at 720p, measured and planned",
      "longcat-bench memory --latent 48 88 160 --configs fp8 fp8-chunked int8-offload int8-chunked-offload --json bench/results/memory-h200.json"),
     ("pytest-benchmark suite", "LONGCAT_BENCH_SIZES=480p pytest bench/ --benchmark-only -k 'not compile' "

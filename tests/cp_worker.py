@@ -12,6 +12,8 @@ import longcat
 from longcat import LongCatVideoTransformer3DModel, accelerate
 from longcat.context_parallel import context_parallel
 
+from dit_cases import assert_paths_close, forward_paths, random_inputs
+
 WORLD = 2
 
 
@@ -28,30 +30,21 @@ def _model(seed=7, **config):
     return m.set_ops(longcat.REFERENCE_OPS)
 
 
-def _inputs(B=2, T=4, H=8, W=8, L=6, seed=11):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, 16, T, H, W, generator=g)
-    t = torch.rand(B, generator=g) * 1000
-    y = torch.randn(B, 1, L, 64, generator=g)
-    mask = torch.ones(B, 1, 1, L, dtype=torch.int64)
-    mask[0, ..., 4:] = 0  # samples with different text lengths
-    return x, t, y, mask
+def _inputs(H=8, seed=11):
+    return random_inputs(torch.Generator().manual_seed(seed), B=2, T=4, H=H, W=8)
 
 
-def _paths(model, x, t, y, mask):
-    """Plain, condition-latent and KV-cache outputs."""
-    with torch.no_grad():
-        plain = model(x, t, y, mask)
-        t_frames = torch.stack([torch.zeros_like(t), torch.zeros_like(t), t, t], 1)
-        cond = model(x, t_frames, y, mask, num_cond_latents=2)
-        _, cache = model(x[:, :, :2], torch.zeros(x.shape[0], 2), y, mask, return_kv=True, skip_crs_attn=True)
-        kv = model(x[:, :, 2:], t, y, mask, num_cond_latents=2, kv_cache_dict=cache)
-    return {"plain": plain, "cond": cond, "kv-cache": kv}
+def _paths(model, *inputs):
+    return forward_paths(model, *inputs)
 
 
 def _close(got: dict, want: dict, what: str, rtol=1e-5, atol=1e-5):
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{what} / {name}: {m}")
+    """Compare with the single-device paths; a rank's KV cache holds every token for its share
+    of the heads."""
+    hc = HEADS // WORLD
+    heads = slice(dist.get_rank() * hc, (dist.get_rank() + 1) * hc)
+    want = {k: v[:, heads] if k.startswith("cache") else v for k, v in want.items()}
+    assert_paths_close(got, want, rtol=rtol, atol=atol, what=what)
 
 
 def scenario_reference(rank):

@@ -6,6 +6,7 @@ import torch.nn as nn
 import longcat
 from longcat import LongCatVideoTransformer3DModel, accelerate, restore
 from longcat.accelerate import UnsupportedModelError, acceleration_report
+from dit_cases import assert_paths_close, forward_paths, random_inputs
 from upstream_like import UpstreamLikeDiT
 
 BACKENDS = ["sdpa", "reference"]
@@ -35,37 +36,19 @@ def _upstream(weights):
 
 
 def _inputs(gen, B=2, T=4, H=4, W=6, L=6):
-    x = torch.randn(B, 16, T, H, W, generator=gen)
-    t = torch.rand(B, generator=gen) * 1000
-    y = torch.randn(B, 1, L, 64, generator=gen)
-    mask = torch.ones(B, 1, 1, L, dtype=torch.int64)
-    mask[0, ..., 4:] = 0
-    return x, t, y, mask
-
-
-def _run_paths(model, x, t, y, mask):
-    """Plain, condition-latent and KV-cache outputs."""
-    with torch.no_grad():
-        plain = model(x, t, y, mask)
-        t_frames = torch.stack([torch.zeros_like(t), torch.zeros_like(t), t, t], 1)
-        cond = model(x, t_frames, y, mask, num_cond_latents=2)
-        _, cache = model(x[:, :, :2], torch.zeros(x.shape[0], 2), y, mask, return_kv=True, skip_crs_attn=True)
-        kv = model(x[:, :, 2:], t, y, mask, num_cond_latents=2, kv_cache_dict=cache)
-    return plain, cond, kv
+    return random_inputs(gen, B, T, H, W, L)
 
 
 @pytest.mark.parametrize("attention", BACKENDS)
 @pytest.mark.parametrize("fused", [False, True])
 def test_upstream_structure_matches_our_reference(weights, gen, attention, fused):
     inputs = _inputs(gen)
-    expected = _run_paths(_ours(weights), *inputs)
+    expected = forward_paths(_ours(weights), *inputs)
     up = _upstream(weights)
     with pytest.raises(RuntimeError, match="Unsupported attention"):
         up(*inputs)
     accelerate(up, attention=attention, fused=fused)
-    got = _run_paths(up, *inputs)
-    for name, a, b in zip(("plain", "cond", "kv-cache"), got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
+    assert_paths_close(forward_paths(up, *inputs), expected, rtol=1e-4, atol=2e-5)
     report = acceleration_report(up)
     assert report.kind == "upstream" and report.blocks_patched == 2
     restore(up)
@@ -76,10 +59,9 @@ def test_upstream_structure_matches_our_reference(weights, gen, attention, fused
 @pytest.mark.parametrize("attention", BACKENDS)
 def test_our_model_matches_reference(weights, gen, attention):
     inputs = _inputs(gen)
-    expected = _run_paths(_ours(weights), *inputs)
+    expected = forward_paths(_ours(weights), *inputs)
     m = accelerate(_ours(weights), attention=attention, fused=True, ffn_chunk_frames=1)
-    for a, b in zip(_run_paths(m, *inputs), expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+    assert_paths_close(forward_paths(m, *inputs), expected, rtol=1e-4, atol=2e-5)
     assert acceleration_report(m).kind == "longcat"
 
 

@@ -11,6 +11,8 @@ from longcat import LongCatVideoTransformer3DModel, accelerate
 from longcat.model import chunked_block_forward
 from longcat.ops import kernel_ops
 
+from dit_cases import assert_paths_close, forward_paths, random_inputs
+
 BSA = {"sparsity": 0.5, "chunk_3d_shape_q": [2, 2, 4]}
 
 
@@ -27,25 +29,12 @@ def _model(bsa=False):
     return m
 
 
-def _inputs(gen, B=2, T=5, H=8, W=8, L=6):
-    x = torch.randn(B, 16, T, H, W, generator=gen)
-    t = torch.rand(B, generator=gen) * 1000
-    y = torch.randn(B, 1, L, 64, generator=gen)
-    mask = torch.ones(B, 1, 1, L, dtype=torch.int64)
-    mask[-1, ..., 3:] = 0
-    return x, t, y, mask
+def _inputs(gen, B=2, T=5):
+    return random_inputs(gen, B=B, T=T, H=8, W=8)
 
 
-def _paths(model, x, t, y, mask):
-    """Plain, condition (2 frames), cache building and KV-cache outputs."""
-    with torch.no_grad():
-        T = x.shape[2]
-        plain = model(x, t, y, mask)
-        t_frames = torch.cat([torch.zeros(x.shape[0], 2), t[:, None].expand(-1, T - 2)], 1)
-        cond = model(x, t_frames, y, mask, num_cond_latents=2)
-        _, cache = model(x[:, :, :2], torch.zeros(x.shape[0], 2), y, mask, return_kv=True, skip_crs_attn=True)
-        kv = model(x[:, :, 2:], t, y, mask, num_cond_latents=2, kv_cache_dict=cache)
-    return {"plain": plain, "cond": cond, "cache k": cache[1][0], "cache v": cache[1][1], "kv-cache": kv}
+def _paths(model, *inputs):
+    return forward_paths(model, *inputs)
 
 
 # (attention, fused ops, BSA on, frames per chunk, batch): the Triton cases (interpreter on the
@@ -67,8 +56,7 @@ def test_chunked_blocks_match_whole_blocks(gen, attention, fused, bsa, chunk, ba
     m = accelerate(_model(bsa), attention=attention, fused=fused, attention_chunk_frames=chunk,
                    ffn_chunk_frames=2 if chunk == 3 else None)
     got = _paths(m, *inputs)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda s: f"{name}: {s}")
+    assert_paths_close(got, want)
 
 
 def test_block_sparse_chunks_keep_upstream_tiles(gen):
@@ -77,8 +65,7 @@ def test_block_sparse_chunks_keep_upstream_tiles(gen):
     inputs = _inputs(gen)
     want = _paths(_model(bsa=True).set_ops(longcat.REFERENCE_OPS), *inputs)
     got = _paths(_model(bsa=True).set_ops(longcat.REFERENCE_OPS.replace(attention_chunk_frames=1)), *inputs)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda s: f"{name}: {s}")
+    assert_paths_close(got, want)
 
 
 def test_quantized_and_wrapped_linears(gen):
@@ -100,8 +87,7 @@ def test_quantized_and_wrapped_linears(gen):
         m = make()
         m.set_ops(m.ops.replace(attention_chunk_frames=1))
         got = _paths(m, *inputs)
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=lambda s: f"{name}: {s}")
+        assert_paths_close(got, want)
 
 
 class _LargeStorages(TorchDispatchMode):

@@ -439,6 +439,7 @@ def chunked_block_forward(
         rows = slice(f0 * L, f1 * L)
         x_m = ops.layer_norm_modulate(x[:, rows], shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
         kv = linear_rows(attn.qkv, x_m, C, 3 * C).view(B, -1, 2, heads, D).permute(2, 0, 3, 1, 4)
+        del x_m
         k = ops.rms_norm(kv[0], attn.k_norm.weight, attn.k_norm.eps)
         if return_kv:
             k_pre[:, :, rows] = k
@@ -460,24 +461,34 @@ def chunked_block_forward(
             xs = x[:, rows]
             x_m = ops.layer_norm_modulate(xs, shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
             q = linear_rows(attn.qkv, x_m, 0, C).view(B, -1, heads, D).transpose(1, 2)
+            del x_m  # chunk temporaries are released as soon as they are used: the peak is a few of them
             q = ops.rope_3d(ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), (f1 - f0, H, W), offset + f0)
-            attn_out = _merge_heads(attn, ops, _attend(attn, ops, q, k_seg, v_seg, grid, T), grid)
+            attn_out = _attend(attn, ops, q, k_seg, v_seg, grid, T)
+            del q
+            attn_out = _merge_heads(attn, ops, attn_out, grid)
             gate, shift, scale = gate_msa[:, f0:f1], shift_mlp[:, f0:f1], scale_mlp[:, f0:f1]
             # Condition frames (without a cache) get no text attention, as in block_forward.
             with_text = not skip_crs_attn and (kv_cache is not None or f0 >= num_cond_latents)
             if with_text and fused is not None:
                 xs, normed = fused(xs, attn_out, gate, None, None, norm.weight, norm.bias, norm.eps)
+                del attn_out
                 cross_out = cross_attention_queries(cross, normed, ops, text_kv, cu_seqlens_k)
+                del normed
                 xs, x_m = fused(xs, cross_out, None, shift, scale, None, None, NORM_EPS)
+                del cross_out
             elif with_text:
                 xs = ops.gated_residual(xs, attn_out, gate)
+                del attn_out
                 normed = ops.layer_norm_modulate(xs, None, None, norm.weight, norm.bias, norm.eps)
                 xs = xs + cross_attention_queries(cross, normed, ops, text_kv, cu_seqlens_k)
+                del normed
                 x_m = ops.layer_norm_modulate(xs, shift, scale, None, None, NORM_EPS)
             elif fused is not None:
                 xs, x_m = fused(xs, attn_out, gate, shift, scale, None, None, NORM_EPS)
+                del attn_out
             else:
                 xs = ops.gated_residual(xs, attn_out, gate)
+                del attn_out
                 x_m = ops.layer_norm_modulate(xs, shift, scale, None, None, NORM_EPS)
             # The FFN intermediates are the widest tensors: ffn_chunk_frames can split a chunk further.
             sub = min(ops.ffn_chunk_frames or (f1 - f0), f1 - f0)

@@ -50,6 +50,7 @@ class AccelerationReport:
     offload: Optional[str] = None
     compiled: bool = False
     context_parallel: Optional[str] = None
+    chunking: Optional[str] = None
     notes: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -58,7 +59,7 @@ class AccelerationReport:
             f"  block-sparse attention enabled in {self.bsa_blocks} blocks",
             f"  quantized Linear layers: {self.quantized_linears}" + (f" ({self.quantization})" if self.quantization else ""),
             f"  offload: {self.offload or 'none'}; torch.compile: {'yes' if self.compiled else 'no'}",
-            f"  context parallelism: {self.context_parallel or 'none'}",
+            f"  context parallelism: {self.context_parallel or 'none'}; frame chunks: {self.chunking or 'none'}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -269,6 +270,8 @@ def accelerate(
         report.compiled = True
     if cp is not None:
         report.context_parallel = f"{cp.size} ranks, split_hw {cp.split_hw}"
+    if ops.attention_chunk_frames or ops.ffn_chunk_frames:
+        report.chunking = f"blocks {ops.attention_chunk_frames or 'whole'}, FFN {ops.ffn_chunk_frames or ops.attention_chunk_frames}"
     state["report"] = report
     setattr(model, _STATE_ATTR, state)
     if verbose:

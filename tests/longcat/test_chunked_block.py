@@ -55,6 +55,7 @@ def test_chunked_blocks_match_whole_blocks(gen, attention, fused, bsa, chunk, ba
     # A chunk of 3 frames also runs its FFN 2 frames at a time (ffn_chunk_frames).
     m = accelerate(_model(bsa), attention=attention, fused=fused, attention_chunk_frames=chunk,
                    ffn_chunk_frames=2 if chunk == 3 else None)
+    assert longcat.acceleration_report(m).chunking == f"blocks {chunk}, FFN {2 if chunk == 3 else chunk}"
     got = _paths(m, *inputs)
     assert_paths_close(got, want)
 

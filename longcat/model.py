@@ -249,8 +249,10 @@ def self_attention_forward(attn, x, ops: DiTOps, grid, num_cond_latents: int = 0
     Condition tokens (the first ``num_cond_latents`` frames) attend to condition tokens only."""
     T, H, W = grid
     if return_kv:
+        # Nothing below writes into k_pre or v, so the cache takes them as they are (upstream
+        # clones both; the model makes v contiguous only where it is a view of qkv).
         q, k, v, k_pre = _project_qkv(attn, ops, x, grid, True)
-        kv = (k_pre.clone(), v.clone())
+        kv = (k_pre, v)
     else:
         q, k, v = _project_qkv(attn, ops, x, grid, False)
     if num_cond_latents:

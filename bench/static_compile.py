@@ -1,0 +1,192 @@
+"""Compile a Triton kernel for a GPU architecture without a GPU, and read what the compiled code says.
+
+Triton compiles for an explicit target on any machine, and its wheel ships ``ptxas`` and
+``cuobjdump``. From one compilation this module reads: registers per thread and spill bytes
+(``ptxas -v``), shared memory (kernel metadata) against the per-block limit, CTAs per SM from
+registers and shared memory, tensor-core instructions (``wgmma`` on Hopper, ``mma.sync`` before),
+TMA (``cp.async.bulk.tensor``), how many tiles the software pipeline keeps in flight (the largest
+``num`` of ``ttg.async_wait`` in the TTGIR, plus one), ptxas advisories (C7510-C7515: serialized
+wgmma) and the SASS instruction count.
+
+These are static facts of the code, not timings. Run them in a process where ``TRITON_INTERPRET``
+is unset: under the interpreter ``@triton.jit`` functions cannot be compiled for a GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+import time
+from typing import Any, Mapping
+
+__all__ = ["ARCH_LIMITS", "StaticStats", "compile_static", "analyze_compiled", "tool_path"]
+
+# Per-architecture limits (CUDA occupancy tables): max shared memory one block may opt into, shared
+# memory and registers per SM, max resident threads and blocks per SM.
+ARCH_LIMITS: dict[int, dict[str, int]] = {
+    80: {"smem_per_block": 166_912, "smem_per_sm": 167_936, "regs_per_sm": 65_536, "threads_per_sm": 2048, "blocks_per_sm": 32},
+    89: {"smem_per_block": 101_376, "smem_per_sm": 102_400, "regs_per_sm": 65_536, "threads_per_sm": 1536, "blocks_per_sm": 24},
+    90: {"smem_per_block": 232_448, "smem_per_sm": 233_472, "regs_per_sm": 65_536, "threads_per_sm": 2048, "blocks_per_sm": 32},
+}
+
+_ADVISORY = re.compile(r"(C75\d\d)[^\n]*")
+
+
+@dataclasses.dataclass
+class StaticStats:
+    kernel: str
+    arch: int
+    num_warps: int
+    num_stages: int
+    constexprs: dict[str, Any]
+    ok: bool
+    error: str | None = None
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack_bytes: int | None = None
+    shared_bytes: int | None = None
+    shared_limit: int | None = None
+    ctas_per_sm: int | None = None
+    wgmma: int = 0
+    mma_sync: int = 0
+    tma: int = 0
+    tiles_in_flight: int | None = None
+    advisories: list[str] = dataclasses.field(default_factory=list)
+    sass_instructions: int | None = None
+    compile_s: float = 0.0
+
+    @property
+    def spills(self) -> int:
+        return (self.spill_stores or 0) + (self.spill_loads or 0)
+
+    @property
+    def over_shared_limit(self) -> bool:
+        return self.shared_bytes is not None and self.shared_limit is not None and self.shared_bytes > self.shared_limit
+
+    @property
+    def clean(self) -> bool:
+        """Compiles, spills nothing and fits the shared-memory limit."""
+        return self.ok and self.spills == 0 and not self.over_shared_limit
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["constexprs"] = {k: (v if isinstance(v, (int, float, bool, str)) or v is None else str(v)) for k, v in self.constexprs.items()}
+        d.update(spills=self.spills, over_shared_limit=self.over_shared_limit, clean=self.clean)
+        return d
+
+
+def tool_path(name: str) -> str:
+    """Path of a CUDA tool (``ptxas``, ``cuobjdump``, ``nvdisasm``) shipped in the Triton wheel."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found in the Triton wheel ({path})")
+    return path
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[dict[str, int], list[str]]:
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [tool_path("ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, timeout=600,
+        )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {log.strip()[-400:]}")
+    stats = {}
+    m = re.search(r"Used (\d+) registers", log)
+    stats["registers"] = int(m.group(1)) if m else None
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        stats["stack_bytes"], stats["spill_stores"], stats["spill_loads"] = (int(g) for g in m.groups())
+    advisories = sorted({a.group(0).strip() for a in _ADVISORY.finditer(log)})
+    return stats, advisories
+
+
+def _sass_instruction_count(cubin: bytes) -> int | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([tool_path("cuobjdump"), "-sass", path], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return None
+    return sum(1 for line in proc.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
+
+
+def _tiles_in_flight(ttgir: str) -> int:
+    waits = [int(n) for n in re.findall(r"async_wait[^\n]*\{num = (\d+) : i32\}", ttgir)]
+    if not waits:
+        # no cp.async pipeline: loads go straight to registers, one tile at a time
+        return 1
+    return max(waits) + 1
+
+
+def _ctas_per_sm(arch: int, registers: int | None, shared: int | None, num_warps: int) -> int | None:
+    limits = ARCH_LIMITS.get(arch)
+    if limits is None or registers is None:
+        return None
+    threads = 32 * num_warps
+    # registers are allocated per warp in units of 256 (8 per thread, rounded up)
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = limits["regs_per_sm"] // (regs_per_warp * num_warps)
+    by_threads = limits["threads_per_sm"] // threads
+    by_smem = limits["smem_per_sm"] // shared if shared else limits["blocks_per_sm"]
+    return max(0, min(by_regs, by_threads, by_smem, limits["blocks_per_sm"]))
+
+
+def analyze_compiled(compiled, *, kernel: str, arch: int, num_warps: int, num_stages: int,
+                     constexprs: Mapping[str, Any] | None = None, compile_s: float = 0.0) -> StaticStats:
+    """Read the static facts of an already compiled kernel (``triton.compile`` output)."""
+    ptx = compiled.asm["ptx"]
+    stats = StaticStats(kernel=kernel, arch=arch, num_warps=num_warps, num_stages=num_stages,
+                        constexprs=dict(constexprs or {}), ok=True, compile_s=compile_s)
+    report, stats.advisories = _ptxas_report(ptx, arch)
+    for k, v in report.items():
+        setattr(stats, k, v)
+    stats.shared_bytes = int(compiled.metadata.shared)
+    stats.shared_limit = ARCH_LIMITS.get(arch, {}).get("smem_per_block")
+    stats.wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    stats.mma_sync = len(re.findall(r"\bmma\.sync", ptx))
+    stats.tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+    stats.tiles_in_flight = _tiles_in_flight(compiled.asm.get("ttgir", ""))
+    stats.ctas_per_sm = _ctas_per_sm(arch, stats.registers, stats.shared_bytes, num_warps)
+    stats.sass_instructions = _sass_instruction_count(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
+    return stats
+
+
+def compile_static(fn, signature: Mapping[str, str], constexprs: Mapping[str, Any] | None = None, *,
+                   num_warps: int = 4, num_stages: int = 3, arch: int = 90,
+                   attrs: Mapping | None = None, options: Mapping[str, Any] | None = None) -> StaticStats:
+    """Compile ``fn`` (a ``@triton.jit`` function) for ``sm_<arch>`` and analyse it.
+
+    ``signature`` maps every argument name to its Triton type (``"*bf16"``, ``"i32"``, ``"fp32"``,
+    ``"constexpr"``); ``constexprs`` gives the constexpr values; ``attrs`` the specialisation hints a
+    real launch would add (e.g. ``{(0,): [["tt.divisibility", 16]]}``). A compile error is returned
+    as ``ok=False`` with the message, not raised.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name = getattr(fn, "__name__", str(fn))
+    opts = {"num_warps": num_warps, "num_stages": num_stages, **(options or {})}
+    start = time.perf_counter()
+    try:
+        src = ASTSource(fn, dict(signature), dict(constexprs or {}), dict(attrs or {}))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    except Exception as exc:  # compile errors are a result here, not a failure of the tool
+        msg = " ".join(str(exc).split())[:400]
+        return StaticStats(kernel=name, arch=arch, num_warps=num_warps, num_stages=num_stages,
+                           constexprs=dict(constexprs or {}), ok=False, error=f"{type(exc).__name__}: {msg}",
+                           compile_s=time.perf_counter() - start)
+    return analyze_compiled(compiled, kernel=name, arch=arch, num_warps=num_warps, num_stages=num_stages,
+                            constexprs=constexprs, compile_s=time.perf_counter() - start)

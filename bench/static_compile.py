@@ -6,7 +6,9 @@ Triton compiles for an explicit target on any machine, and its wheel ships ``ptx
 registers and shared memory, tensor-core instructions (``wgmma`` on Hopper, ``mma.sync`` before),
 TMA (``cp.async.bulk.tensor``), how many tiles the software pipeline keeps in flight (the largest
 ``num`` of ``ttg.async_wait`` in the TTGIR, plus one), ptxas advisories (C7510-C7515: serialized
-wgmma) and the SASS instruction count.
+wgmma), the SASS instruction count, and the SASS loops (every backward branch) with the main loop's
+instructions per iteration (the loop with the most tensor-core instructions, else the longest
+innermost loop).
 
 These are static facts of the code, not timings. Run them in a process where ``TRITON_INTERPRET``
 is unset: under the interpreter ``@triton.jit`` functions cannot be compiled for a GPU.
@@ -56,6 +58,9 @@ class StaticStats:
     tiles_in_flight: int | None = None
     advisories: list[str] = dataclasses.field(default_factory=list)
     sass_instructions: int | None = None
+    main_loop_instructions: int | None = None
+    main_loop_mma: int | None = None
+    loops: list[dict[str, int]] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
 
     @property
@@ -111,15 +116,48 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[dict[str, int], list[str]]:
     return stats, advisories
 
 
-def _sass_instruction_count(cubin: bytes) -> int | None:
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_SASS_MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|BGMMA|HMMA|IMMA)\b")
+
+
+def _sass(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of every SASS instruction in the cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         proc = subprocess.run([tool_path("cuobjdump"), "-sass", path], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
+        return []
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in map(_SASS_LINE.match, proc.stdout.splitlines()) if m]
+
+
+def _sass_loops(sass: list[tuple[int, str]]) -> list[dict[str, int]]:
+    """Every backward branch is a loop: its body runs from the branch target to the branch. Returns
+    each loop's address range, instruction count and tensor-core (MMA) instruction count."""
+    loops = []
+    for addr, ins in sass:
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target >= addr:  # forward branch, or the trailing self-branch
+            continue
+        body = [i for a, i in sass if target <= a <= addr]
+        loops.append({"start": target, "end": addr, "instructions": len(body),
+                      "mma": sum(1 for i in body if _SASS_MMA.search(i))})
+    return loops
+
+
+def _main_loop(loops: list[dict[str, int]]) -> dict[str, int] | None:
+    """The loop holding the most tensor-core instructions; without MMA, the longest innermost loop."""
+    if not loops:
         return None
-    return sum(1 for line in proc.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
+    with_mma = [lp for lp in loops if lp["mma"]]
+    if with_mma:
+        return max(with_mma, key=lambda lp: (lp["mma"], -lp["instructions"]))
+    innermost = [lp for lp in loops if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in loops)]
+    return max(innermost, key=lambda lp: lp["instructions"])
 
 
 def _tiles_in_flight(ttgir: str) -> int:
@@ -159,7 +197,12 @@ def analyze_compiled(compiled, *, kernel: str, arch: int, num_warps: int, num_st
     stats.tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
     stats.tiles_in_flight = _tiles_in_flight(compiled.asm.get("ttgir", ""))
     stats.ctas_per_sm = _ctas_per_sm(arch, stats.registers, stats.shared_bytes, num_warps)
-    stats.sass_instructions = _sass_instruction_count(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
+    sass = _sass(compiled.asm["cubin"]) if "cubin" in compiled.asm else []
+    stats.sass_instructions = len(sass) or None
+    stats.loops = _sass_loops(sass)
+    main = _main_loop(stats.loops)
+    if main is not None:
+        stats.main_loop_instructions, stats.main_loop_mma = main["instructions"], main["mma"]
     return stats
 
 

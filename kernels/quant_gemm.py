@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import check_same_device, check_tensor, fallback_warning, interpreter_enabled, triton_runs_on
+from ._runtime import check_same_device, check_tensor, fallback_warning, fp8_supported, interpreter_enabled, triton_runs_on
 
 __all__ = [
     "int8_weight_only_linear",
@@ -242,13 +242,6 @@ def _launch(x2, x_scale, w_q, w_scale, bias, out_dtype, a8, swiglu):
     return y
 
 
-def _fp8_supported(*tensors) -> bool:
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-            return torch.cuda.get_device_capability(t.device) >= (8, 9)
-    return True
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -264,7 +257,7 @@ def _weight_only_linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Te
     x2 = _rows(x)
     n_out = w_q.shape[0] // 2 if swiglu else w_q.shape[0]
     fp8 = w_q.dtype == torch.float8_e4m3fn
-    if triton_runs_on(x2, w_q, w_scale, *( [bias] if bias is not None else [])) and (not fp8 or _fp8_supported(x2)):
+    if triton_runs_on(x2, w_q, w_scale, *( [bias] if bias is not None else [])) and (not fp8 or fp8_supported(x2)):
         y = _launch(x2, None, w_q.contiguous(), w_scale.contiguous(), bias, x.dtype, False, swiglu)
     else:
         fallback_warning("quant_gemm.weight_only_linear")
@@ -310,7 +303,7 @@ def _dynamic_linear_op(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tens
     xs = x_scale.reshape(-1).contiguous()
     n_out = w_q.shape[0] // 2 if swiglu else w_q.shape[0]
     fp8 = w_q.dtype == torch.float8_e4m3fn
-    if triton_runs_on(x2, xs, w_q, w_scale, *([bias] if bias is not None else [])) and (not fp8 or _fp8_supported(x2)):
+    if triton_runs_on(x2, xs, w_q, w_scale, *([bias] if bias is not None else [])) and (not fp8 or fp8_supported(x2)):
         y = _launch(x2, xs, w_q.contiguous(), w_scale.contiguous(), bias, out_dtype, True, swiglu)
     else:
         fallback_warning("quant_gemm.dynamic_linear")

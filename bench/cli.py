@@ -427,7 +427,10 @@ def cmd_check(args) -> int:
         print("longcat-bench check measures the Triton kernels in the CPU interpreter: set TRITON_INTERPRET=1 "
               "before Python starts (TRITON_INTERPRET=1 longcat-bench check ...).", file=sys.stderr)
         return 2
-    if not args.update and os.path.isfile(args.baseline):
+    if args.update:
+        _check_output(args.baseline, "--baseline")
+        _check_output(args.gpu_baseline, "--gpu-baseline")
+    elif os.path.isfile(args.baseline):
         _read_input(args.baseline, "baseline")
     print("longcat-bench check: deterministic accuracy of every kernel (CPU, Triton interpreter, fixed seeds), "
           "quantization SQNR/cosine, memory-planner figures; compared with the committed baseline.", flush=True)

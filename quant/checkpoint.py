@@ -18,9 +18,11 @@ not write is refused.
 
 Integrity: the CRC-32 of every shard file is recorded at save and checked on load (``verify=True``,
 the default). zlib's CRC-32 detects any flipped bit, burst and truncation (it is not a defence
-against deliberate tampering); it hashed about 1-3.5 GB/s in memory and 0.6-0.9 GB/s from a
-page-cached file on the 2-core development CPU (measured, under load), so verification adds about
-a second per GB. ``verify=False`` skips it for trusted fast loads. Checkpoints of format version 1
+against deliberate tampering). Measured on a shared 2-core x86 CPU (load average ~14):
+``file_checksum`` 0.63-0.68 GB/s on a page-cached 1 GiB file, ``zlib.crc32`` 1.1 GB/s in memory
+(3.5 GB/s with the CPU less loaded); so verification costs up to ~1.5 s per GB there (about 40 s
+for the 27 GB bf16 model), less on an idle server CPU. ``verify=False`` skips it for trusted fast
+loads. Checkpoints of format version 1
 and upstream's carry no checksums: they load unverified, with one warning.
 
 ``load_quantized(folder, model)`` reads this format and upstream LongCat-Video's ``base_model_int8``

@@ -141,6 +141,8 @@ def test_check_refuses_corrupt_baseline_before_the_run(tmp_path, capsys, monkeyp
     baseline.write_text('{"schema": 1, "records": [}')
     assert main(["check", "--baseline", str(baseline)]) == 2
     _one_line_error(capsys, "not valid JSON")
+    assert main(["check", "--update", "--baseline", str(baseline / "cpu.json")]) == 2
+    _one_line_error(capsys, "is a file, not a folder")
 
 
 def test_write_results_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -227,7 +227,7 @@ def shard_path(folder: str, name, what: str) -> str:
     folder: absolute paths, ``..`` components, and symbolic links resolving outside it."""
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"{what}: a shard file name must be a non-empty string, got {name!r}")
-    if os.path.isabs(name) or re.match(r"[A-Za-z]:", name) or name.startswith(("/", "\\")):
+    if os.path.isabs(name) or re.match(r"[A-Za-z]:[\\/]", name) or name.startswith(("/", "\\")):
         raise CheckpointError(f"{what}: shard {name!r} is an absolute path; shards must lie in the checkpoint folder")
     if ".." in re.split(r"[\\/]", name):
         raise CheckpointError(f"{what}: shard {name!r} leaves the checkpoint folder ('..'); shards must lie in it")

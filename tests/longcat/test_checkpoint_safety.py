@@ -224,6 +224,19 @@ def test_cuda_on_a_cpu_machine_says_so(old_new, tmp_path):
     assert "corrupted" not in str(err.value) and "truncated" not in str(err.value)
 
 
+@pytest.mark.gpu
+def test_load_straight_to_cuda_in_bf16(old_new, tmp_path):
+    old, _ = old_new
+    old.save_pretrained(tmp_path, max_shard_size=SHARD_SIZE)
+    loaded = LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path), dtype="bfloat16", device="cuda")
+    got = loaded.state_dict()
+    for k, v in old.state_dict().items():
+        assert got[k].device.type == "cuda", k
+        assert torch.equal(got[k].cpu(), v.to(torch.bfloat16) if v.is_floating_point() else v), k
+    with pytest.raises(ValueError, match="CUDA device"):
+        LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path), device=f"cuda:{torch.cuda.device_count()}")
+
+
 def test_string_dtypes(old_new, tmp_path):
     old, _ = old_new
     old.save_pretrained(tmp_path)

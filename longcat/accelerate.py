@@ -186,6 +186,10 @@ def accelerate(
     context_parallel=None,
     ops: Optional[DiTOps] = None,
     verbose: bool = False,
+    offload_prefetch: int = 1,
+    memory_budget: Union[None, int, str] = None,
+    budget_latent: tuple = (48, 88, 160),
+    budget_batch: int = 1,
 ) -> nn.Module:
     """Patch ``model`` in place and return it.
 
@@ -211,8 +215,19 @@ def accelerate(
         its tokens itself: pass the process group it uses (default: the whole world, when its
         size matches).
     ops: an explicit op table (overrides attention/fused).
+    offload_prefetch: with offload="blocks", how many blocks are copied ahead (1 + this many resident).
+    memory_budget: e.g. "8GB": quantize, offload and the two chunk sizes left at None are chosen
+        by ``longcat.pipeline_plan.fit_dit``, the cheapest whose planned denoising-step peak at
+        ``budget_latent`` (T, H, W; default the 720p refinement) x ``budget_batch`` fits; the
+        choice and its planned peak are printed and noted in the report. Raises
+        ``MemoryBudgetError`` naming the smallest budget that fits when nothing does.
     """
     kind = recognise(model)
+    budget_note = None
+    if memory_budget is not None:
+        quantize, offload, offload_prefetch, ffn_chunk_frames, attention_chunk_frames, budget_note = _fit_budget(
+            model, memory_budget, budget_latent, budget_batch, attention, quantize, offload, offload_prefetch,
+            ffn_chunk_frames, attention_chunk_frames)
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if offload not in (None, "blocks"):
@@ -260,8 +275,8 @@ def accelerate(
     if offload == "blocks":
         from .offload import BlockOffloader
 
-        state["offload"] = BlockOffloader(model.blocks)
-        report.offload = "blocks"
+        state["offload"] = BlockOffloader(model.blocks, prefetch=offload_prefetch)
+        report.offload = f"blocks (prefetch {offload_prefetch})"
     if compile:
         options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
         for block in model.blocks:
@@ -272,11 +287,42 @@ def accelerate(
         report.context_parallel = f"{cp.size} ranks, split_hw {cp.split_hw}"
     if ops.attention_chunk_frames or ops.ffn_chunk_frames:
         report.chunking = f"blocks {ops.attention_chunk_frames or 'whole'}, FFN {ops.ffn_chunk_frames or ops.attention_chunk_frames}"
+    if budget_note:
+        report.notes.append(budget_note)
     state["report"] = report
     setattr(model, _STATE_ATTR, state)
     if verbose:
         print(report)
     return model
+
+
+def _fit_budget(model, memory_budget, latent, batch, attention, quantize, offload, offload_prefetch, ffn_chunk_frames,
+                attention_chunk_frames):
+    """Map ``memory_budget`` onto the keyword arguments the caller left open (None)."""
+    from .pipeline_plan import fit_dit
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) and not hasattr(config, "items"):
+        raise ValueError("memory_budget needs the model's config (a dict at model.config) to plan its memory")
+    if quantize is not None and quantize not in ("int8", "fp8"):
+        raise ValueError(f"with memory_budget, quantize must be None, 'int8' or 'fp8' (weight-only), got {quantize!r}")
+    fixed = {}
+    if quantize is not None:
+        fixed["dit_weights"] = quantize
+    if offload is not None:
+        fixed["offload_prefetch"] = offload_prefetch if offload == "blocks" else None
+    if ffn_chunk_frames is not None:
+        fixed["ffn_chunk_frames"] = ffn_chunk_frames
+    if attention_chunk_frames is not None:
+        fixed["attention_chunk_frames"] = attention_chunk_frames
+    tactics, plan = fit_dit(memory_budget, dict(config), latent=latent, batch=batch, attention=attention, fixed=fixed)
+    kw = tactics.accelerate_kwargs()
+    note = (f"memory budget {memory_budget}: chose weights {tactics.dit_weights}, "
+            f"offload {'blocks (prefetch %d)' % tactics.offload_prefetch if tactics.offload_prefetch else 'none'}, "
+            f"attention_chunk_frames={tactics.attention_chunk_frames}, ffn_chunk_frames={tactics.ffn_chunk_frames}; "
+            f"planned step peak {plan.peak_bytes / 1e9:.2f} GB at latent {tuple(latent)} x batch {batch} (planned, not measured)")
+    print(f"longcat.accelerate: {note}")
+    return kw["quantize"], kw["offload"], kw["offload_prefetch"], kw["ffn_chunk_frames"], kw["attention_chunk_frames"], note
 
 
 def restore(model: nn.Module) -> nn.Module:

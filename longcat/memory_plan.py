@@ -140,7 +140,7 @@ def plan_memory(
         raise ValueError("attention_chunk_frames is not combined with context parallelism")
     T, H, W = (int(v) for v in latent)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(weights, torch.bfloat16)
-    total, blocks_bytes, block_bytes, depth = _weight_bytes(json.dumps(config, sort_keys=True), weights, act_dtype)
+    total, blocks_bytes, block_bytes, depth = _weight_bytes(json.dumps(config, sort_keys=True, default=str), weights, act_dtype)
     if offload == "blocks":
         resident = total - blocks_bytes + min(depth, 1 + prefetch_blocks) * block_bytes
     else:

@@ -49,7 +49,7 @@ from .memory_plan import plan_memory
 
 __all__ = [
     "UMT5_XXL_CONFIG", "WAN21_VAE_CONFIG", "STAGES", "PipelineTactics", "PhasePlan", "PipelinePlan",
-    "MemoryBudgetError", "parse_memory_size", "plan_pipeline", "fit_pipeline", "fit_dit", "TACTIC_COST",
+    "MemoryBudgetError", "parse_memory_size", "UMT5_INT8_EXCLUDE", "plan_pipeline", "fit_pipeline", "fit_dit", "TACTIC_COST",
     "text_encoder_bytes", "vae_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encoder_activation_bytes",
 ]
 
@@ -61,6 +61,8 @@ UMT5_XXL_CONFIG = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num
 # Wan 2.1 VAE (diffusers' AutoencoderKLWan defaults): 16 latent channels, 8x spatial, 4x temporal.
 WAN21_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                         temperal_downsample=[False, True, True])
+# transformers' UMT5 feed-forward reads wo.weight's dtype: 8-bit formats quantize the other Linears.
+UMT5_INT8_EXCLUDE = ["*.wo", "shared"]
 WAN21_VAE_PARAMETERS = 126_892_531  # AutoencoderKLWan(**WAN21_VAE_CONFIG) counted on the meta device
 
 VAE_DECODE_UNITS = 52.5  # steady-state decode working set in u (see the module docstring)
@@ -123,11 +125,12 @@ def _umt5_parameters(cfg: dict) -> int:
 
 
 def _umt5_linear_parameters(cfg: dict) -> Tuple[int, int]:
-    """(Linear weight elements, Linear output features) of the encoder layers (what 8-bit formats quantize)."""
+    """(weight elements, output features) of the Linears 8-bit formats quantize: q, k, v, o and
+    wi (not wo, see UMT5_INT8_EXCLUDE)."""
     d, inner, F = cfg["d_model"], cfg["num_heads"] * cfg["d_kv"], cfg["d_ff"]
     gated = str(cfg.get("feed_forward_proj", "gated-gelu")).startswith("gated")
-    ffn_w = (3 if gated else 2) * d * F
-    ffn_out = (2 if gated else 1) * F + d
+    ffn_w = (2 if gated else 1) * d * F
+    ffn_out = (2 if gated else 1) * F
     return cfg["num_layers"] * (4 * d * inner + ffn_w), cfg["num_layers"] * (3 * inner + d + ffn_out)
 
 

@@ -131,7 +131,7 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     te_cfg = dict(te_cfg or UMT5_XXL_CONFIG)
     vae_cfg = dict(vae_cfg or WAN21_VAE_CONFIG)
     te_home = torch.device("cpu") if tactics.text_encoder == "cpu" else device
-    text_encoder = build_text_encoder(te_cfg, te_home, dtype if te_home.type == "cuda" else torch.float32, seed)
+    text_encoder = build_text_encoder(te_cfg, te_home, dtype, seed)
     if tactics.text_encoder.endswith("int8"):
         from longcat.quant import quantize
 

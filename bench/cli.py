@@ -4,7 +4,7 @@
 DiT with random weights, timed, with peak memory and a summary table. Without a GPU it runs the
 small preset on the CPU and says so.
 
-Subcommands: model, kernels, memory, accuracy, report, compare, check (see ``--help`` of each).
+Subcommands: model, kernels, memory, accuracy, report, compare, check, pipeline (see ``--help`` of each).
 """
 from __future__ import annotations
 
@@ -296,6 +296,68 @@ def cmd_accuracy(args) -> int:
     return 1 if any(r.get("within_bound") is False for r in records) else 0
 
 
+def cmd_pipeline(args) -> int:
+    from .pipeline_bench import pipeline_packages, run_pipeline
+    from .progress import Progress
+    from .results import make_results
+
+    missing = pipeline_packages()
+    if missing:
+        print(f"longcat-bench pipeline needs the pipeline extra: {missing}", file=sys.stderr)
+        return 2
+    if args.stage == "refine" and args.resolution != "720p" or args.stage == "base" and args.resolution != "480p":
+        print(f"the {args.stage} stage runs at {'720p' if args.stage == 'refine' else '480p'}", file=sys.stderr)
+        return 2
+    device = _device(args)
+    notice = None if device.type == "cuda" else cpu_notice("the pipeline with small configs (UMT5, Wan VAE and DiT at toy widths)")
+    if notice:
+        print(notice, flush=True)
+    latent = None
+    if args.latent_frames:
+        from longcat.pipeline_plan import STAGES
+
+        latent = (args.latent_frames, *STAGES[args.stage]["latent"][1:]) if device.type == "cuda" else (args.latent_frames, 4, 8)
+    runs = [args.budget] + (list(args.also_budgets or [])) + ([None] if args.compare_resident else [])
+    runs = list(dict.fromkeys(runs))
+    results = []
+    phases = (4 if args.stage == "refine" else 3) + args.steps - 1
+    with Progress(phases * len(runs), label="pipeline") as bar:
+        for budget in runs:
+            results.append(run_pipeline(args.stage, budget=budget, device=device, latent=latent, steps=args.steps,
+                                        seed=args.seed, progress=bar))
+    records = []
+    resident_time = next((sum(r.get("time_s", 0) for r in res["records"]) for res in results if res["budget"] is None), None)
+    for res in results:
+        print(f"\n{res['config']}: {res['tactics']}" + (f" (memory fraction {res['memory_fraction']:.4f})" if res["memory_fraction"] else ""))
+        head = ("phase", "time s", "measured peak", "NVML peak", "planned peak", "measured/planned", "status")
+        rows = [head]
+        for r in res["records"]:
+            measured = r.get("measured_peak_bytes")
+            ratio = f"{measured / r['planned_peak_bytes']:.2f}" if measured else ""
+            rows.append((r["phase"], f"{r['time_s']:.3f}" if "time_s" in r else "", _fmt_bytes(measured) if measured else
+                         ("RSS " + _fmt_bytes(r.get("cpu_peak_rss_bytes")) if r.get("cpu_peak_rss_bytes") else ""),
+                         _fmt_bytes(r.get("nvml_peak_used_bytes")) if r.get("nvml_peak_used_bytes") else "",
+                         _fmt_bytes(r["planned_peak_bytes"]) + " (planned)", ratio, r["status"]))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+        for i, row in enumerate(rows):
+            print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                print("  " + "  ".join("-" * w for w in widths))
+        total = sum(r.get("time_s", 0) for r in res["records"])
+        summary = dict(name="pipeline_run", config=res["config"], tactics=res["tactics"], plan=res["plan"], total_time_s=total,
+                       output_finite=res["output_finite"], budget=res["budget"], memory_fraction=res["memory_fraction"],
+                       status="ok" if all(r["status"] == "ok" for r in res["records"]) else "failed")
+        if resident_time and res["budget"] is not None:
+            summary["time_vs_all_resident"] = total / resident_time
+            print(f"  total {total:.2f} s, {summary['time_vs_all_resident']:.2f}x the all-resident run")
+        else:
+            print(f"  total {total:.2f} s")
+        records += res["records"] + [summary]
+    extra = {"notice": notice} if notice else {}
+    _write(make_results("pipeline", records, extra=extra), args.json)
+    return 0 if all(r["status"] == "ok" for r in records) and all(res["output_finite"] for res in results) else 1
+
+
 def cmd_report(args) -> int:
     from .report import default_inputs, write_report
 
@@ -444,6 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", help="cpu or cuda")
     a.add_argument("--json", help="also write the results JSON here")
     a.set_defaults(func=cmd_accuracy)
+
+    pl = sub.add_parser("pipeline", help="the whole pipeline phase by phase: measured and planned peak memory, time (needs the pipeline extra)")
+    pl.add_argument("--stage", choices=["refine", "base"], default="refine")
+    pl.add_argument("--resolution", choices=["720p", "480p"], default="720p")
+    pl.add_argument("--budget", help="memory budget, e.g. 8GB: tactics fitted to it; on a GPU enforced with a memory fraction")
+    pl.add_argument("--also-budgets", nargs="+", metavar="BUDGET", help="more budgets to run in the same call")
+    pl.add_argument("--compare-resident", action="store_true", help="also run with everything resident (the time reference)")
+    pl.add_argument("--latent-frames", type=int, help="fewer latent frames than the stage's (same height and width)")
+    pl.add_argument("--steps", type=int, default=1, help="denoising steps (default 1)")
+    pl.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--json", help="also write the results JSON here")
+    pl.set_defaults(func=cmd_pipeline)
 
     r = sub.add_parser("report", help="render BENCHMARKS.md (and PNG plots) from results files")
     r.add_argument("inputs", nargs="*", help="results files (default: bench/results/*.json and bench/baseline/cpu.json)")

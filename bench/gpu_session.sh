@@ -33,6 +33,14 @@ step 170 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"
 step 40  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"
 step 100 python3 -m longcat.bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json "$OUT/model-h200.json"
 step 120 python3 -m longcat.bench memory --latent 48 88 160 --configs fp8 fp8-chunked int8-offload int8-chunked-offload --json "$OUT/memory-h200.json"
+# The whole-pipeline memory check needs transformers and diffusers; the GPU machine has no network,
+# so they come as wheels in a git-ignored .whl/ folder when someone carried them there.
+if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --find-links .whl transformers diffusers; then
+    step 200 python3 -m longcat.bench pipeline --stage refine --resolution 720p --budget 8GB --also-budgets 16GB \
+             --compare-resident --latent-frames 8 --json "$OUT/pipeline-h200.json"
+else
+    echo "== skipped longcat-bench pipeline: no transformers/diffusers wheels in .whl/ (pip download them there)"
+fi
 step 45  env LONGCAT_BENCH_SIZES=480p python3 -m pytest bench/ --benchmark-only -q -k "not compile" \
          --benchmark-json "$OUT/pytest-benchmark-h200.json"
 

@@ -232,6 +232,8 @@ def accelerate(
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if offload not in (None, "blocks"):
         raise ValueError(f"offload must be None or 'blocks', got {offload!r}")
+    if not isinstance(offload_prefetch, int) or isinstance(offload_prefetch, bool) or offload_prefetch < 1:
+        raise ValueError(f"offload_prefetch must be a positive int (blocks copied ahead), got {offload_prefetch!r}")
     if bsa is not None and not isinstance(bsa, (bool, dict)):
         raise TypeError(f"bsa must be None, a bool or a dict of bsa_params, got {type(bsa).__name__}")
     if ops is None:
@@ -276,7 +278,9 @@ def accelerate(
         from .offload import BlockOffloader
 
         state["offload"] = BlockOffloader(model.blocks, prefetch=offload_prefetch)
-        report.offload = f"blocks (prefetch {offload_prefetch})"
+        report.offload = "blocks"
+        if offload_prefetch != 1:
+            report.notes.append(f"block offload copies {offload_prefetch} blocks ahead")
     if compile:
         options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
         for block in model.blocks:

@@ -317,8 +317,8 @@ def cmd_pipeline(args) -> int:
         from longcat.pipeline_plan import STAGES
 
         latent = (args.latent_frames, *STAGES[args.stage]["latent"][1:]) if device.type == "cuda" else (args.latent_frames, 4, 8)
-    runs = [args.budget] + (list(args.also_budgets or [])) + ([None] if args.compare_resident else [])
-    runs = list(dict.fromkeys(runs))
+    # The all-resident reference runs first, so it (not a budget run) pays for kernel compilation.
+    runs = list(dict.fromkeys(([None] if args.compare_resident else []) + [args.budget] + list(args.also_budgets or [])))
     results = []
     phases = (4 if args.stage == "refine" else 3) + args.steps - 1
     with Progress(phases * len(runs), label="pipeline") as bar:
@@ -326,7 +326,12 @@ def cmd_pipeline(args) -> int:
             results.append(run_pipeline(args.stage, budget=budget, device=device, latent=latent, steps=args.steps,
                                         seed=args.seed, progress=bar))
     records = []
-    resident_time = next((sum(r.get("time_s", 0) for r in res["records"]) for res in results if res["budget"] is None), None)
+    def steady_time(res):  # without the first denoising step (compilation, first copies) when there are more
+        times = [r.get("time_s", 0) for r in res["records"]]
+        steps = [r.get("time_s", 0) for r in res["records"] if r["phase"] == "denoising step"]
+        return sum(times) - (steps[0] if len(steps) > 1 else 0)
+
+    resident_time = next((steady_time(res) for res in results if res["budget"] is None), None)
     for res in results:
         print(f"\n{res['config']}: {res['tactics']}" + (f" (memory fraction {res['memory_fraction']:.4f})" if res["memory_fraction"] else ""))
         head = ("phase", "time s", "measured peak", "NVML peak", "planned peak", "measured/planned", "status")
@@ -347,9 +352,10 @@ def cmd_pipeline(args) -> int:
         summary = dict(name="pipeline_run", config=res["config"], tactics=res["tactics"], plan=res["plan"], total_time_s=total,
                        output_finite=res["output_finite"], budget=res["budget"], memory_fraction=res["memory_fraction"],
                        status="ok" if all(r["status"] == "ok" for r in res["records"]) else "failed")
+        summary["steady_time_s"] = steady_time(res)
         if resident_time and res["budget"] is not None:
-            summary["time_vs_all_resident"] = total / resident_time
-            print(f"  total {total:.2f} s, {summary['time_vs_all_resident']:.2f}x the all-resident run")
+            summary["time_vs_all_resident"] = summary["steady_time_s"] / resident_time
+            print(f"  total {total:.2f} s, {summary['time_vs_all_resident']:.2f}x the all-resident run (without the first step)")
         else:
             print(f"  total {total:.2f} s")
         records += res["records"] + [summary]

@@ -130,8 +130,15 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
 
     te_cfg = dict(te_cfg or UMT5_XXL_CONFIG)
     vae_cfg = dict(vae_cfg or WAN21_VAE_CONFIG)
-    te_home = torch.device("cpu") if tactics.text_encoder == "cpu" else device
-    text_encoder = build_text_encoder(te_cfg, te_home, dtype, seed)
+    gc.collect()  # the previous run's components
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # Built (fast random init) on the device; a CPU text encoder then runs in float32, which CPUs
+    # multiply faster than bfloat16.
+    on_cpu = tactics.text_encoder == "cpu"
+    text_encoder = build_text_encoder(te_cfg, device, torch.float32 if on_cpu else dtype, seed)
+    if on_cpu:
+        text_encoder.to("cpu")
     if tactics.text_encoder.endswith("int8"):
         from longcat.quant import quantize
 
@@ -157,8 +164,7 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     tokenizer = RandomTokenizer(te_cfg["vocab_size"], seed + 4)
     try:
         def encode_text():
-            on_gpu = tactics.text_encoder != "cpu"
-            emb, mask = encode_prompts_then_offload(text_encoder, tokenizer, ["a prompt"] * batch, device if on_gpu else "cpu",
+            emb, mask = encode_prompts_then_offload(text_encoder, tokenizer, ["a prompt"] * batch, "cpu" if on_cpu else device,
                                                     max_length=text_len, offload=tactics.text_encoder.startswith("offload"))
             return emb.to(device, dtype), mask.to(device)
 

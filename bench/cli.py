@@ -334,15 +334,18 @@ def cmd_pipeline(args) -> int:
     resident_time = next((steady_time(res) for res in results if res["budget"] is None), None)
     for res in results:
         print(f"\n{res['config']}: {res['tactics']}" + (f" (memory fraction {res['memory_fraction']:.4f})" if res["memory_fraction"] else ""))
-        head = ("phase", "time s", "measured peak", "NVML peak", "planned peak", "measured/planned", "status")
+        if device.type == "cuda":  # allocator peak (weights included) against the planned peak
+            head = ("phase", "time s", "measured peak", "NVML peak", "planned peak", "measured/planned", "status")
+        else:  # tensors the phase created (weights not counted); toy widths in fp32: no comparison with the plan
+            head = ("phase", "time s", "live tensors peak", "", "planned activations (bf16, full plan)", "", "status")
         rows = [head]
         for r in res["records"]:
-            measured = r.get("measured_peak_bytes")
-            ratio = f"{measured / r['planned_peak_bytes']:.2f}" if measured else ""
-            rows.append((r["phase"], f"{r['time_s']:.3f}" if "time_s" in r else "", _fmt_bytes(measured) if measured else
-                         ("RSS " + _fmt_bytes(r.get("cpu_peak_rss_bytes")) if r.get("cpu_peak_rss_bytes") else ""),
+            measured = r.get("measured_peak_bytes") or r.get("live_tensor_peak_bytes")
+            planned = r["planned_peak_bytes"] if device.type == "cuda" else r.get("planned_activation_bytes")
+            ratio = f"{measured / planned:.2f}" if measured and planned and device.type == "cuda" else ""
+            rows.append((r["phase"], f"{r['time_s']:.3f}" if "time_s" in r else "", _fmt_bytes(measured) if measured else "",
                          _fmt_bytes(r.get("nvml_peak_used_bytes")) if r.get("nvml_peak_used_bytes") else "",
-                         _fmt_bytes(r["planned_peak_bytes"]) + " (planned)", ratio, r["status"]))
+                         _fmt_bytes(planned) + " (planned)" if planned else "", ratio, r["status"]))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
         for i, row in enumerate(rows):
             print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -21,7 +21,7 @@ __all__ = ["SMALL_TEXT_ENCODER", "SMALL_VAE", "run_pipeline", "pipeline_packages
 # CPU stand-ins with the real architectures at toy widths (d_model matches the tiny DiT's captions).
 SMALL_TEXT_ENCODER = dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                           relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-SMALL_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+SMALL_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                  temperal_downsample=[False, True, True])
 
 
@@ -75,21 +75,28 @@ class RandomTokenizer:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _measure(name: str, device, fn: Callable, planned: int, records: List[dict], progress=None) -> object:
-    from .memory import track_memory
+def _measure(name: str, device, fn: Callable, phase, records: List[dict], progress=None) -> object:
+    """Run one phase: its time, its peak (torch allocator and NVML on a GPU; on the CPU the peak
+    of the tensors it creates, comparable with the planned activations) and the planned figures."""
+    import contextlib
+
+    from .memory import LiveTensorBytes, track_memory
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    with track_memory(device) as mem:
+    live = LiveTensorBytes() if device.type == "cpu" else contextlib.nullcontext()
+    with track_memory(device) as mem, live:
         t0 = time.perf_counter()
         out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
     rep = mem.report
-    records.append(dict(name="pipeline_phase", phase=name, time_s=seconds, planned_peak_bytes=int(planned),
+    records.append(dict(name="pipeline_phase", phase=name, time_s=seconds, planned_peak_bytes=int(phase.peak_bytes),
+                        planned_activation_bytes=int(phase.activation_bytes),
                         measured_peak_bytes=rep.torch_peak_allocated_bytes if device.type == "cuda" else None,
+                        live_tensor_peak_bytes=live.peak if device.type == "cpu" else None,
                         nvml_peak_used_bytes=rep.nvml_peak_used_bytes, cpu_peak_rss_bytes=rep.cpu_peak_rss_bytes,
                         memory=rep.as_dict(), status="ok"))
     if progress is not None:
@@ -124,7 +131,7 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     if tactics is None:
         tactics = fit_pipeline(budget, stage, **plan_kw).tactics if budget else PipelineTactics()
     plan = plan_pipeline(stage, tactics, **plan_kw)
-    planned = {p.name: p.peak_bytes for p in plan.phases}
+    planned = {p.name: p for p in plan.phases}
 
     from longcat.pipeline_plan import UMT5_XXL_CONFIG, WAN21_VAE_CONFIG
 
@@ -212,7 +219,7 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     except torch.OutOfMemoryError as e:  # the budget did not hold: that phase did not fit
         done = {r["phase"] for r in records}
         phase = next(p for p in planned if p not in done)
-        records.append(dict(name="pipeline_phase", phase=phase, planned_peak_bytes=planned[phase], status="out of memory",
+        records.append(dict(name="pipeline_phase", phase=phase, planned_peak_bytes=planned[phase].peak_bytes, status="out of memory",
                             reason=str(e).splitlines()[0][:200]))
         finite = False
     finally:

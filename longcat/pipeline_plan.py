@@ -23,8 +23,9 @@ formulas (estimates; ``longcat-bench pipeline`` measures them on a GPU):
   u = base_dim * 8h * 8w * a for a latent tile of h x w. Tracing diffusers' ``AutoencoderKLWan``
   (Wan 2.1 architecture) on the meta device with a live-tensor counter gives, in steady state,
   52.5 u for decoding (feature caches of all 33 convolutions + the largest resblock's
-  temporaries at full resolution, 4 frames) and 39.1 u for encoding. Decoding also concatenates
-  the output frame by frame (2x the output at the last frame) and clamps it (another copy).
+  temporaries at full resolution, 4 frames) and 38.8 u for encoding. Decoding also holds the
+  output decoded so far, and ends with 2x the output (the last concatenation, then the clamped
+  copy): peak max(52.5 u + out, 2 out). Encoding makes one copy of its input video.
 - Tiled VAE (``longcat.pipeline_memory``): one tile's working set, the fp32 blend accumulator
   of the whole output (plus the tile blended in fp32, twice) and the final cast; tiled encoding
   keeps the video on the CPU and moves one tile at a time.
@@ -66,7 +67,7 @@ UMT5_INT8_EXCLUDE = ["*.wo", "shared"]
 WAN21_VAE_PARAMETERS = 126_892_531  # AutoencoderKLWan(**WAN21_VAE_CONFIG) counted on the meta device
 
 VAE_DECODE_UNITS = 52.5  # steady-state decode working set in u (see the module docstring)
-VAE_ENCODE_UNITS = 39.1  # steady-state encode working set in u
+VAE_ENCODE_UNITS = 38.8  # steady-state encode working set in u (beside its copy of the video)
 
 # Stages of the coarse-to-fine pipeline: latent grid (T, H, W) before patching and the DiT batch.
 STAGES = {
@@ -204,7 +205,17 @@ def _pixel_frames(latent_frames: int) -> int:
 
 
 def _vae_unit(cfg: dict, h: int, w: int, a: int) -> int:
+    """u of the module docstring; the traced constants hold for the Wan 2.1 architecture (any
+    base_dim and z_dim)."""
+    for key in ("dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample"):
+        if list(_as_list(cfg.get(key, WAN21_VAE_CONFIG[key]))) != list(_as_list(WAN21_VAE_CONFIG[key])):
+            raise ValueError(f"the VAE activation formulas hold for the Wan 2.1 architecture: {key} must be "
+                             f"{WAN21_VAE_CONFIG[key]}, got {cfg.get(key)!r}")
     return cfg.get("base_dim", 96) * (8 * h) * (8 * w) * a
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def _tiles(size: int, tile: int, overlap: int) -> List[int]:
@@ -215,43 +226,48 @@ def _tiles(size: int, tile: int, overlap: int) -> List[int]:
     return [min(tile, size - s) for s in starts]
 
 
+def _decode_peak(cfg: dict, h: int, w: int, frames: int, a: int, batch: int) -> int:
+    """Decoding latents of h x w whole (diffusers' decode): working set beside the frames decoded
+    so far, or the final concatenation and clamp (2x the output), whichever is larger."""
+    out = batch * 3 * frames * (8 * h) * (8 * w) * a
+    return max(int(VAE_DECODE_UNITS * batch * _vae_unit(cfg, h, w, a)) + out, 2 * out)
+
+
 def vae_decode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Optional[int] = None, overlap: int = 0,
                      a: int = 2, batch: int = 1) -> Dict[str, int]:
-    """Activation peak of decoding latents (T, H, W): {"working set", "output", "peak"}."""
+    """Activation peak of decoding latents (T, H, W): {"decode", "output", "peak"} ("decode": the
+    decoder's own peak, of the whole frame or of one tile; "output": the blend buffers of tiling)."""
     cfg = dict(WAN21_VAE_CONFIG if cfg is None else cfg)
     T, H, W = latent
     frames = _pixel_frames(T)
-    video = batch * 3 * frames * (8 * H) * (8 * W)  # elements
     if tile is None or (tile >= H and tile >= W):
-        work = int(VAE_DECODE_UNITS * batch * _vae_unit(cfg, H, W, a))
-        out = 2 * video * a  # frame-by-frame concatenation, then the clamped copy
-        return {"working set": work, "output": out, "peak": work + out}
+        work = _decode_peak(cfg, H, W, frames, a, batch)
+        return {"decode": work, "output": 0, "peak": work}
     th, tw = max(_tiles(H, tile, overlap)), max(_tiles(W, tile, overlap))
+    video = batch * 3 * frames * (8 * H) * (8 * W)  # elements
     tile_video = batch * 3 * frames * (8 * th) * (8 * tw)
-    work = int(VAE_DECODE_UNITS * batch * _vae_unit(cfg, th, tw, a)) + 2 * tile_video * a
+    work = _decode_peak(cfg, th, tw, frames, a, batch)
     accumulator = video * 4 + (8 * H) * (8 * W) * 4  # fp32 blend sums and weights
     blend = tile_video * (a + 2 * 4)  # the decoded tile, as fp32, times its blend weights
     final = video * a  # the cast output beside the accumulator
-    return {"working set": work, "output": accumulator + max(blend, final), "peak": accumulator + max(work, blend, final)}
+    return {"decode": work, "output": accumulator + max(blend, final), "peak": accumulator + max(work, blend, final)}
 
 
 def vae_encode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Optional[int] = None, overlap: int = 0,
                      a: int = 2, batch: int = 1) -> Dict[str, int]:
     """Activation peak of encoding the video of latent grid (T, H, W): {"input", "working set", "peak"}.
-    Untiled, the video is on the GPU; tiled, it stays on the CPU and one tile at a time moves."""
+    Untiled, the video is on the GPU; tiled, it stays on the CPU and one tile at a time moves.
+    "working set" is everything beyond the input: the encoder's copy of it, its temporaries and
+    the latents (mean and log-variance, and with tiles the fp32 blend accumulator)."""
     cfg = dict(WAN21_VAE_CONFIG if cfg is None else cfg)
     T, H, W = latent
     frames = _pixel_frames(T)
     z = cfg.get("z_dim", 16)
-    latents = batch * 2 * z * T * H * W * 4  # mean and log-variance, then the fp32 blend accumulator
-    if tile is None or (tile >= H and tile >= W):
-        video = batch * 3 * frames * (8 * H) * (8 * W) * a
-        work = int(VAE_ENCODE_UNITS * batch * _vae_unit(cfg, H, W, a))
-        return {"input": video, "working set": work + latents, "peak": video + work + latents}
-    th, tw = max(_tiles(H, tile, overlap)), max(_tiles(W, tile, overlap))
+    latents = batch * 2 * z * T * H * W * 4
+    th, tw = (H, W) if tile is None else (max(_tiles(H, tile, overlap)), max(_tiles(W, tile, overlap)))
     video = batch * 3 * frames * (8 * th) * (8 * tw) * a
-    work = int(VAE_ENCODE_UNITS * batch * _vae_unit(cfg, th, tw, a))
-    return {"input": video, "working set": work + 2 * latents, "peak": video + work + 2 * latents}
+    work = video + int(VAE_ENCODE_UNITS * batch * _vae_unit(cfg, th, tw, a)) + (latents if tile is None else 2 * latents)
+    return {"input": video, "working set": work, "peak": video + work}
 
 
 # ----------------------------------------------------------------------------- tactics and plans

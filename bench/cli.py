@@ -312,10 +312,10 @@ def cmd_pipeline(args) -> int:
     notice = None if device.type == "cuda" else cpu_notice("the pipeline with small configs (UMT5, Wan VAE and DiT at toy widths)")
     if notice:
         print(notice, flush=True)
+    from longcat.pipeline_plan import STAGES
+
     latent = None
     if args.latent_frames:
-        from longcat.pipeline_plan import STAGES
-
         latent = (args.latent_frames, *STAGES[args.stage]["latent"][1:]) if device.type == "cuda" else (args.latent_frames, 4, 8)
     # The all-resident reference runs first, so it (not a budget run) pays for kernel compilation.
     runs = list(dict.fromkeys(([None] if args.compare_resident else []) + [args.budget] + list(args.also_budgets or [])))
@@ -323,8 +323,10 @@ def cmd_pipeline(args) -> int:
     phases = (4 if args.stage == "refine" else 3) + args.steps - 1
     with Progress(phases * len(runs), label="pipeline") as bar:
         for budget in runs:
+            # On a GPU the tactics are those fitted for the stage's whole video, even when fewer frames run.
+            fit_latent = STAGES[args.stage]["latent"] if device.type == "cuda" else None
             results.append(run_pipeline(args.stage, budget=budget, device=device, latent=latent, steps=args.steps,
-                                        seed=args.seed, progress=bar))
+                                        seed=args.seed, progress=bar, fit_latent=fit_latent))
     records = []
     def steady_time(res):  # without the first denoising step (compilation, first copies) when there are more
         times = [r.get("time_s", 0) for r in res["records"]]
@@ -522,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", help="memory budget, e.g. 8GB: tactics fitted to it; on a GPU enforced with a memory fraction")
     pl.add_argument("--also-budgets", nargs="+", metavar="BUDGET", help="more budgets to run in the same call")
     pl.add_argument("--compare-resident", action="store_true", help="also run with everything resident (the time reference)")
-    pl.add_argument("--latent-frames", type=int, help="fewer latent frames than the stage's (same height and width)")
+    pl.add_argument("--latent-frames", type=int, help="run fewer latent frames than the stage's (same height and width; "
+                    "on a GPU the tactics stay those fitted for the whole stage)")
     pl.add_argument("--steps", type=int, default=1, help="denoising steps (default 1)")
     pl.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     pl.add_argument("--seed", type=int, default=0)

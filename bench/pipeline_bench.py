@@ -106,12 +106,14 @@ def _measure(name: str, device, fn: Callable, phase, records: List[dict], progre
 
 def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=None, small: Optional[bool] = None,
                  latent=None, steps: int = 1, text_len: Optional[int] = None, seed: int = 0, progress=None,
-                 tactics=None, label: Optional[str] = None) -> dict:
+                 tactics=None, fit_latent=None, label: Optional[str] = None) -> dict:
     """Run the pipeline's phases once; returns {"config", "tactics", "plan", "records"}.
 
-    small: toy widths (default: on the CPU); latent: the latent grid (T, H, W) (default: the
+    small: toy widths (default: on the CPU); latent: the latent grid (T, H, W) run (default: the
     stage's, or a tiny one when small); tactics: a ``PipelineTactics`` (default: fitted to
-    ``budget``, or all resident without one)."""
+    ``budget`` for the latent grid ``fit_latent``, default ``latent``, or all resident without a
+    budget). Fitting for the stage's full grid and running fewer frames measures the real
+    recipe in less time; the planned figures are always those of the grid that runs."""
     import longcat
     from longcat.pipeline_memory import decode_latents_tiled, encode_prompts_then_offload, encode_video_tiled, offload_to_cpu
     from longcat.pipeline_plan import STAGES, UMT5_INT8_EXCLUDE, PipelineTactics, fit_pipeline, parse_memory_size, plan_pipeline
@@ -129,7 +131,8 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     plan_kw = dict(latent=latent, dit=dit, text_encoder=te_cfg, vae=vae_cfg, text_len=text_len)
     if tactics is None:
-        tactics = fit_pipeline(budget, stage, **plan_kw).tactics if budget else PipelineTactics()
+        fit_kw = dict(plan_kw, latent=tuple(fit_latent or latent))
+        tactics = fit_pipeline(budget, stage, **fit_kw).tactics if budget else PipelineTactics()
     plan = plan_pipeline(stage, tactics, **plan_kw)
     planned = {p.name: p for p in plan.phases}
 

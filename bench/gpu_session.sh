@@ -40,7 +40,8 @@ if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --find-
     step 240 python3 -m longcat.bench pipeline --stage refine --resolution 720p --budget 8GB --also-budgets 16GB \
              --compare-resident --latent-frames 8 --steps 2 --json "$OUT/pipeline-h200.json"
 else
-    echo "== skipped longcat-bench pipeline: no transformers/diffusers wheels in .whl/ (pip download them there)"
+    echo "== skipped longcat-bench pipeline: no transformers/diffusers wheels in .whl/" \
+         "(on a machine with network: pip download -d .whl transformers diffusers --python-version <GPU python>)"
 fi
 step 45  env LONGCAT_BENCH_SIZES=480p python3 -m pytest bench/ --benchmark-only -q -k "not compile" \
          --benchmark-json "$OUT/pytest-benchmark-h200.json"

@@ -41,7 +41,7 @@ import functools
 import itertools
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch

@@ -28,7 +28,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "install
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null | tee "$OUT/nvidia-smi.csv"
 python3 -c "import torch, triton, longcat; print('torch', torch.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0))"
 
-step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml"
+# (the real-size pipeline test is the longcat-bench pipeline step below, with its own time limit)
+step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml" -k "not test_720p_refine_fits_8gb_on_the_gpu"
 step 170 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"
 step 40  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"
 step 100 python3 -m longcat.bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json "$OUT/model-h200.json"

@@ -4,7 +4,7 @@
 DiT with random weights, timed, with peak memory and a summary table. Without a GPU it runs the
 small preset on the CPU and says so.
 
-Subcommands: model, kernels, memory, accuracy, report, compare, check (see ``--help`` of each).
+Subcommands: model, kernels, memory, accuracy, report, compare, check, pipeline (see ``--help`` of each).
 """
 from __future__ import annotations
 
@@ -371,6 +371,79 @@ def cmd_accuracy(args) -> int:
     return 1 if any(r.get("within_bound") is False for r in records) else 0
 
 
+def cmd_pipeline(args) -> int:
+    from .pipeline_bench import pipeline_packages, run_pipeline
+    from .progress import Progress
+    from .results import make_results
+
+    missing = pipeline_packages()
+    if missing:
+        print(f"longcat-bench pipeline needs the pipeline extra: {missing}", file=sys.stderr)
+        return 2
+    if args.stage == "refine" and args.resolution != "720p" or args.stage == "base" and args.resolution != "480p":
+        print(f"the {args.stage} stage runs at {'720p' if args.stage == 'refine' else '480p'}", file=sys.stderr)
+        return 2
+    device = _device(args)
+    notice = None if device.type == "cuda" else cpu_notice("the pipeline with small configs (UMT5, Wan VAE and DiT at toy widths)")
+    if notice:
+        print(notice, flush=True)
+    from longcat.pipeline_plan import STAGES
+
+    latent = None
+    if args.latent_frames:
+        latent = (args.latent_frames, *STAGES[args.stage]["latent"][1:]) if device.type == "cuda" else (args.latent_frames, 4, 8)
+    # The all-resident reference runs first, so it (not a budget run) pays for kernel compilation.
+    runs = list(dict.fromkeys(([None] if args.compare_resident else []) + [args.budget] + list(args.also_budgets or [])))
+    results = []
+    phases = (4 if args.stage == "refine" else 3) + args.steps - 1
+    with Progress(phases * len(runs), label="pipeline") as bar:
+        for budget in runs:
+            # On a GPU the tactics are those fitted for the stage's whole video, even when fewer frames run.
+            fit_latent = STAGES[args.stage]["latent"] if device.type == "cuda" else None
+            results.append(run_pipeline(args.stage, budget=budget, device=device, latent=latent, steps=args.steps,
+                                        seed=args.seed, progress=bar, fit_latent=fit_latent))
+    records = []
+    def steady_time(res):  # without the first denoising step (compilation, first copies) when there are more
+        times = [r.get("time_s", 0) for r in res["records"]]
+        steps = [r.get("time_s", 0) for r in res["records"] if r["phase"] == "denoising step"]
+        return sum(times) - (steps[0] if len(steps) > 1 else 0)
+
+    resident_time = next((steady_time(res) for res in results if res["budget"] is None), None)
+    for res in results:
+        print(f"\n{res['config']}: {res['tactics']}" + (f" (memory fraction {res['memory_fraction']:.4f})" if res["memory_fraction"] else ""))
+        if device.type == "cuda":  # allocator peak (weights included) against the planned peak
+            head = ("phase", "time s", "measured peak", "NVML peak", "planned peak", "measured/planned", "status")
+        else:  # tensors the phase created (weights not counted); toy widths in fp32: no comparison with the plan
+            head = ("phase", "time s", "live tensors peak", "", "planned activations (bf16, full plan)", "", "status")
+        rows = [head]
+        for r in res["records"]:
+            measured = r.get("measured_peak_bytes") or r.get("live_tensor_peak_bytes")
+            planned = r["planned_peak_bytes"] if device.type == "cuda" else r.get("planned_activation_bytes")
+            ratio = f"{measured / planned:.2f}" if measured and planned and device.type == "cuda" else ""
+            rows.append((r["phase"], f"{r['time_s']:.3f}" if "time_s" in r else "", _fmt_bytes(measured) if measured else "",
+                         _fmt_bytes(r.get("nvml_peak_used_bytes")) if r.get("nvml_peak_used_bytes") else "",
+                         _fmt_bytes(planned) + " (planned)" if planned else "", ratio, r["status"]))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+        for i, row in enumerate(rows):
+            print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                print("  " + "  ".join("-" * w for w in widths))
+        total = sum(r.get("time_s", 0) for r in res["records"])
+        summary = dict(name="pipeline_run", config=res["config"], tactics=res["tactics"], plan=res["plan"], total_time_s=total,
+                       output_finite=res["output_finite"], budget=res["budget"], memory_fraction=res["memory_fraction"],
+                       status="ok" if all(r["status"] == "ok" for r in res["records"]) else "failed")
+        summary["steady_time_s"] = steady_time(res)
+        if resident_time and res["budget"] is not None:
+            summary["time_vs_all_resident"] = summary["steady_time_s"] / resident_time
+            print(f"  total {total:.2f} s, {summary['time_vs_all_resident']:.2f}x the all-resident run (without the first step)")
+        else:
+            print(f"  total {total:.2f} s")
+        records += res["records"] + [summary]
+    extra = {"notice": notice} if notice else {}
+    _write(make_results("pipeline", records, extra=extra), args.json)
+    return 0 if all(r["status"] == "ok" for r in records) and all(res["output_finite"] for res in results) else 1
+
+
 def cmd_report(args) -> int:
     from .report import default_inputs, write_report
 
@@ -527,6 +600,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", help="cpu or cuda")
     a.add_argument("--json", help="also write the results JSON here")
     a.set_defaults(func=cmd_accuracy)
+
+    pl = sub.add_parser("pipeline", help="the whole pipeline phase by phase: measured and planned peak memory, time (needs the pipeline extra)")
+    pl.add_argument("--stage", choices=["refine", "base"], default="refine")
+    pl.add_argument("--resolution", choices=["720p", "480p"], default="720p")
+    pl.add_argument("--budget", help="memory budget, e.g. 8GB: tactics fitted to it; on a GPU enforced with a memory fraction")
+    pl.add_argument("--also-budgets", nargs="+", metavar="BUDGET", help="more budgets to run in the same call")
+    pl.add_argument("--compare-resident", action="store_true", help="also run with everything resident (the time reference)")
+    pl.add_argument("--latent-frames", type=int, help="run fewer latent frames than the stage's (same height and width; "
+                    "on a GPU the tactics stay those fitted for the whole stage)")
+    pl.add_argument("--steps", type=int, default=1, help="denoising steps (default 1)")
+    pl.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--json", help="also write the results JSON here")
+    pl.set_defaults(func=cmd_pipeline)
 
     r = sub.add_parser("report", help="render BENCHMARKS.md (and PNG plots) from results files")
     r.add_argument("inputs", nargs="*", help="results files (default: bench/results/*.json and bench/baseline/cpu.json)")

@@ -49,8 +49,11 @@ ARCH_LIMITS: dict[int, dict[str, int]] = {
 
 MAX_REGISTERS_PER_THREAD = 255
 # Registers a tiled kernel needs besides accumulators and converted operands (addresses, masks,
-# loop counters, epilogue temporaries); calibrated on sm_90 compiles of the quantized GEMM.
-_BASE_REGISTERS = 64
+# loop counters, epilogue temporaries), per accumulator; calibrated on sm_90 compiles of the
+# quantized GEMM (Triton 3.7: every config the rule keeps compiles without spills; the rule
+# rejects every config that spills).
+_BASE_REGISTERS = 56
+_REGISTERS_PER_ACCUMULATOR_EPILOGUE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +62,10 @@ class TileShape:
 
     ``a_bytes``/``b_bytes``: element sizes of the A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N]
     tiles as loaded; ``b_operands``: B tiles per K step (2 for a fused w1|w3 SwiGLU GEMM);
-    ``accumulators``: [BLOCK_M, BLOCK_N] fp32/int32 accumulators; ``b_convert_bytes``: element size
-    B is converted to in registers before the MMA (0 when it feeds the MMA as loaded);
-    ``out_bytes``: element size of the stored output tile.
+    ``accumulators``: [BLOCK_M, BLOCK_N] fp32/int32 accumulators; ``b_convert_bytes``: register
+    bytes per B element converted in registers before the MMA (0 when B feeds the MMA as loaded;
+    the target element size for int8 -> fp16/bf16; 4 for float8_e4m3fn, which converts through
+    wider intermediates).
     """
 
     block_m: int
@@ -72,29 +76,27 @@ class TileShape:
     b_operands: int = 1
     accumulators: int = 1
     b_convert_bytes: int = 0
-    out_bytes: int = 2
 
 
 def dot_shared_bytes(tile: TileShape, num_stages: int) -> int:
-    """Estimated shared memory (bytes) of one block: the pipelined operand buffers, or the
-    epilogue's layout conversion when that is larger."""
+    """Estimated shared memory (bytes) of one block: the pipelined operand buffers (plus one more
+    B tile as loaded when B is converted in registers), or the epilogue's layout conversion when
+    that is larger."""
     stages = max(1, int(num_stages))
     a_tile = tile.block_m * tile.block_k * tile.a_bytes
-    b_tile = tile.block_k * tile.block_n * tile.b_bytes * tile.b_operands
-    pipeline = stages * (a_tile + b_tile)
+    b_tile = tile.block_k * tile.block_n * tile.b_bytes
+    pipeline = stages * (a_tile + b_tile * tile.b_operands) + (b_tile if tile.b_convert_bytes else 0)
     epilogue = tile.block_m * tile.block_n * 4
     return max(pipeline, epilogue)
 
 
 def dot_registers(tile: TileShape, num_warps: int) -> int:
-    """Estimated registers per thread: accumulators, operands converted in registers, and a base."""
+    """Estimated registers per thread: accumulators, one B tile converted in registers (the B
+    operands of a step are converted one after the other), and a base."""
     threads = 32 * int(num_warps)
     acc = tile.accumulators * tile.block_m * tile.block_n // threads
-    converted = 0
-    if tile.b_convert_bytes:
-        # the converted B tile passes through registers on its way back to shared memory
-        converted = tile.b_operands * tile.block_k * tile.block_n * tile.b_convert_bytes // (4 * threads)
-    return acc + converted + _BASE_REGISTERS
+    converted = tile.block_k * tile.block_n * tile.b_convert_bytes // (4 * threads)
+    return acc + converted + _BASE_REGISTERS + _REGISTERS_PER_ACCUMULATOR_EPILOGUE * tile.accumulators
 
 
 def fits(tile: TileShape, num_warps: int, num_stages: int, arch: int = 90) -> bool:
@@ -106,5 +108,9 @@ def fits(tile: TileShape, num_warps: int, num_stages: int, arch: int = 90) -> bo
 
 
 def prune_configs(configs: Sequence, tile_of: Callable[[object], TileShape], arch: int = 90) -> list:
-    """The ``triton.Config`` objects of ``configs`` that fit ``sm_<arch>`` (order kept)."""
-    return [c for c in configs if fits(tile_of(c), c.num_warps, c.num_stages, arch)]
+    """The ``triton.Config`` objects of ``configs`` that fit ``sm_<arch>`` (order kept). Raises a
+    ValueError naming the rejected configs when none fits: a launcher must offer one that does."""
+    kept = [c for c in configs if fits(tile_of(c), c.num_warps, c.num_stages, arch)]
+    if configs and not kept:
+        raise ValueError(f"no config fits sm_{arch} (shared memory / registers): {[str(c) for c in configs]}")
+    return kept

@@ -482,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--hot", action="store_true", help="only the inference-path cases (what the CI gate compiles)")
     cc.add_argument("--fail", action="store_true", help="exit 1 when a config fails to compile, spills or exceeds shared memory")
     cc.add_argument("--verbose", action="store_true", help="print each compilation as it starts")
+    cc.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compilations at a time (default: up to 2)")
+    cc.add_argument("--cache", help="JSON file of static stats per kernel specialisation, read and rewritten "
+                    "(only compilations whose kernel source, specialisation and Triton version match are reused)")
     cc.add_argument("--json", help="write the results JSON here (e.g. bench/results/compile-sm90.json)")
     cc.set_defaults(func=cmd_compile)
     return p

@@ -18,6 +18,7 @@ GPU); ``run_compile_subprocess`` starts such a process from anywhere.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,8 +27,8 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
-__all__ = ["SIZES", "CASES", "H200_CEILINGS", "Size", "Case", "capture_case", "compile_cases", "run_compile_subprocess",
-           "failing_configs"]
+__all__ = ["SIZES", "CASES", "H200_CEILINGS", "Size", "Case", "select_cases", "capture_case", "compile_cases",
+           "run_compile_subprocess", "failing_configs", "main_compile"]
 
 # DESIGN.md section 5: measured bf16 matmul and copy on the H200; fp8/int8 from the datasheet.
 H200_CEILINGS = {"copy_bytes_per_s": 4.3e12, "bf16_flops": 790e12, "8bit_flops": 1979e12}
@@ -356,12 +357,35 @@ def capture_case(case: Case, size: Size, arch: int = 90) -> list:
     return launches
 
 
-def _launch_key(launch, arch: int):
+def _launch_key(launch, arch: int) -> str:
+    """What determines the compiled code: Triton's version, the kernel's source with everything it
+    calls (``JITFunction.cache_key``), the specialisation for ``sm_<arch>`` and the options."""
+    import triton
+
     from .static_compile import launch_specialization
 
     signature, constexprs, attrs, options = launch_specialization(launch, arch)
-    return json.dumps([launch.name, arch, signature, sorted((str(k), str(v)) for k, v in constexprs.items()),
-                       sorted((str(k), str(v)) for k, v in attrs.items()), sorted((k, str(v)) for k, v in options.items())])
+    return hashlib.sha256(json.dumps([
+        triton.__version__, launch.name, launch.kernel.cache_key, arch, signature,
+        sorted((str(k), str(v)) for k, v in constexprs.items()), sorted((str(k), str(v)) for k, v in attrs.items()),
+        sorted((k, str(v)) for k, v in options.items()),
+    ]).encode()).hexdigest()[:32]
+
+
+def load_cache(path: Optional[str]) -> dict:
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("entries", {})
+
+
+def save_cache(path: str, entries: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"what": "longcat-bench compile: static stats per compiled kernel specialisation (key: triton "
+                           "version, kernel source hash, specialisation, options, arch)", "entries": entries}, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 def _model_record(case: Case, size: Size) -> dict:
@@ -373,12 +397,18 @@ def _model_record(case: Case, size: Size) -> dict:
 
 
 def compile_cases(cases: Iterable[Case], sizes: Iterable[Size], archs: Iterable[int] = (90,),
-                  progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+                  progress: Optional[Callable[[str], None]] = None, jobs: int = 1,
+                  cache: Optional[dict] = None) -> list[dict]:
     """One record per (case, size, arch, distinct launch config), plus one model record per
-    (case, size). Identical compilations (same kernel specialisation) are compiled once."""
+    (case, size). Identical compilations (same kernel specialisation) are compiled once, ``jobs``
+    at a time (ptxas and much of Triton's pipeline run outside the GIL); ``cache`` maps launch
+    keys to stats already known and receives the new ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .static_compile import compile_launch
 
-    compiled: dict[str, dict] = {}
+    compiled: dict[str, dict] = cache if cache is not None else {}
+    pending: dict[str, tuple] = {}
     records = []
     for arch in archs:
         for size in sizes:
@@ -399,16 +429,27 @@ def compile_cases(cases: Iterable[Case], sizes: Iterable[Size], archs: Iterable[
                     if key in seen:  # e.g. the same kernel launched per slab of rows
                         continue
                     seen.add(key)
-                    if key not in compiled:
-                        if progress:
-                            progress(f"sm_{arch} {size.name} {case.op}: {launch.name} warps={launch.num_warps} stages={launch.num_stages}")
-                        compiled[key] = compile_launch(launch, arch).as_dict()
-                    stats = dict(compiled[key])
-                    stats.pop("loops", None)
-                    records.append({"name": "compiled_config", **base, "grid": list(launch.grid),
-                                    "autotune_candidates": launch.autotune_candidates, **stats,
-                                    "status": "ok" if stats["clean"] else "fail",
-                                    "reason": _failure(stats)})
+                    if key not in compiled and key not in pending:
+                        pending[key] = (launch, arch, f"sm_{arch} {size.name} {case.op}: {launch.name} "
+                                                      f"warps={launch.num_warps} stages={launch.num_stages}")
+                    records.append({"name": "compiled_config", **base, "key": key, "grid": list(launch.grid),
+                                    "autotune_candidates": launch.autotune_candidates})
+
+    def build(item):
+        key, (launch, arch, what) = item
+        if progress:
+            progress(what)
+        stats = compile_launch(launch, arch).as_dict()
+        stats.pop("loops", None)
+        return key, stats
+
+    with ThreadPoolExecutor(max(1, int(jobs))) as pool:
+        for key, stats in pool.map(build, pending.items()):
+            compiled[key] = stats
+    for r in records:
+        if r["name"] == "compiled_config":
+            stats = compiled[r["key"]]
+            r.update(stats, status="ok" if stats["clean"] else "fail", reason=_failure(stats))
     return records
 
 
@@ -459,7 +500,12 @@ def main_compile(args, argv: list[str]) -> int:
     sizes = [SIZES[s] for s in args.sizes]
     cases = select_cases(args.ops, args.hot)
     start = time.perf_counter()
-    records = compile_cases(cases, sizes, args.arch, progress=(lambda m: print(m, flush=True)) if args.verbose else None)
+    cache = load_cache(args.cache)
+    records = compile_cases(cases, sizes, args.arch, progress=(lambda m: print(m, flush=True)) if args.verbose else None,
+                            jobs=args.jobs, cache=cache)
+    if args.cache:
+        used = {r["key"] for r in records if r["name"] == "compiled_config"}
+        save_cache(args.cache, {k: v for k, v in cache.items() if k in used})
     configs = [r for r in records if r["name"] == "compiled_config"]
     bad = failing_configs(records)
     errors = [r for r in records if r["name"] == "compile_case" and r["status"] == "error"]

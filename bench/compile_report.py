@@ -325,23 +325,7 @@ def _build_cases() -> list[Case]:
     return cases
 
 
-class _Cases(list):
-    """The case list, built on first use (building imports torch)."""
-
-    def _ensure(self):
-        if not super().__len__():
-            super().extend(_build_cases())
-
-    def __iter__(self):
-        self._ensure()
-        return super().__iter__()
-
-    def __len__(self):
-        self._ensure()
-        return super().__len__()
-
-
-CASES: list[Case] = _Cases()
+CASES: list[Case] = _build_cases()
 
 
 def capture_case(case: Case, size: Size, arch: int = 90) -> list:

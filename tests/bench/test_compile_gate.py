@@ -112,3 +112,31 @@ def test_report_renders_compiled_configs_and_static_changes():
     assert "FAIL: spills 36 B stores / 36 B loads" in text and "36/36" in text
     assert "### Before / after: fused SwiGLU GEMM" in text and "2196 -> 0" in text
     assert "## compile:" not in text  # not rendered again as a measured table
+
+
+def test_captured_launch_is_specialised_like_a_real_launch():
+    """The compile step specialises a recorded launch with Triton's own binder: dtypes, and 16-byte
+    divisibility of pointers (from the meta tensor's storage offset) and of integers."""
+    script = textwrap.dedent("""
+        import json
+        import torch
+        from longcat.bench.static_compile import launch_specialization
+        from longcat.kernels._capture import capture_launches
+        from longcat.kernels.swiglu import swiglu_packed
+        out = {}
+        for h in (64, 36):  # b = ab[:, h:] starts 2 * h bytes after a: 16-byte aligned for h = 64, not for 36
+            with capture_launches(90) as launches:
+                swiglu_packed(torch.empty(8, 2 * h, dtype=torch.bfloat16, device="meta"))
+            signature, constexprs, attrs, options = launch_specialization(launches[0], 90)
+            names = list(signature)
+            out[h] = {"types": [signature[n] for n in ("A", "B", "OUT", "H")],
+                      "divisible": [bool(attrs.get((names.index(n),))) for n in ("A", "B", "OUT", "H")],
+                      "BLOCK": launches[0].kwargs["BLOCK"]}
+        print(json.dumps(out))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert spec["64"] == {"types": ["*bf16", "*bf16", "*bf16", "i32"], "divisible": [True, True, True, True], "BLOCK": 64}
+    assert spec["36"] == {"types": ["*bf16", "*bf16", "*bf16", "i32"], "divisible": [True, False, True, False], "BLOCK": 64}

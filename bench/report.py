@@ -181,7 +181,8 @@ def _compiled_section(docs: List[Tuple[str, dict]]) -> List[str]:
         recs = doc.get("records", [])
         configs = [r for r in recs if r.get("name") == "compiled_config"]
         bad = [r for r in configs if r.get("status") != "ok"]
-        lines += [f"### `{rel}`", "", f"Command: `{doc.get('command')}`", "", f"Machine: {_machine_line(doc)}", "",
+        lines += [f"### Triton {doc.get('triton', '')}: `{rel}`", "", f"Command: `{doc.get('command')}`", "",
+                  f"Machine: {_machine_line(doc)}", "",
                   f"{len(configs)} launch configs of {len({r['kernel'] for r in configs})} kernels; "
                   f"{len(bad)} fail (compile error, spills, or shared memory over the limit).", ""]
         for arch in doc.get("archs", sorted({r.get("arch") for r in recs})):

@@ -171,3 +171,25 @@ def test_capture_restores_triton_and_the_runtime():
             raise RuntimeError("boom")
     assert InterpretedFunction.run is run and _runtime._capture_capability is runs_on is None
     assert not _runtime.triton_runs_on(torch.empty(1, device="meta"))
+
+
+@pytest.mark.parametrize("m", [1, 48, 1024, 168_960])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("fmt", ["w8a16-int8", "w8a16-fp8", "w8a8-int8", "w8a8-fp8"])
+def test_quant_gemm_offers_a_fitting_config_at_every_size(fmt, swiglu, m):
+    """The GPU config list of the quantized GEMM, pruned as autotuning prunes it on sm_90: never
+    empty, and every config kept fits the resource rule."""
+    from longcat.kernels import quant_gemm
+
+    wdt = torch.int8 if fmt.endswith("int8") else torch.float8_e4m3fn
+    a8 = fmt.startswith("w8a8")
+    x = torch.empty(m, 4096, dtype=wdt if a8 else torch.bfloat16, device="meta")
+    w = torch.empty(2 * 11008 if swiglu else 4096, 4096, dtype=wdt, device="meta")
+    named = {"M": m, "x_ptr": x, "w_ptr": w}
+    flags = {"A8": a8, "SWIGLU": swiglu}
+    with capture_launches(90):  # meta tensors stand for an sm_90 device
+        kept = quant_gemm._prune_configs(quant_gemm._gpu_configs(), named, **flags)
+    assert kept
+    for c in kept:
+        assert fits(quant_gemm._gemm_tile(c, named, flags), c.num_warps, c.num_stages, 90)
+        assert c.kwargs["BLOCK_M"] <= 32 if m <= 32 else (c.kwargs["BLOCK_M"] >= 64 if m > 256 else c.kwargs["BLOCK_M"] <= 64)

@@ -6,21 +6,25 @@ their configs with :func:`fits` before autotuning (``prune_configs_by={"early_co
 or a static choice), using estimates of the two resources that reject configs on Hopper:
 
 - shared memory per block: the software pipeline keeps ``num_stages`` copies of every operand tile
-  it streams, as loaded (Triton allocates one buffer per stage; a weight dequantised in registers
-  needs no extra buffer), and the epilogue's layout conversion reuses the pipeline buffers, so it
-  counts only when larger;
+  it streams, as loaded (Triton allocates one buffer per stage), plus one more B tile when B is
+  converted in registers (a dequantised 8-bit weight); the epilogue's layout conversion reuses the
+  pipeline buffers, so it counts only when larger;
 - registers per thread: fp32/int32 accumulators (``BLOCK_M * BLOCK_N`` per accumulator, spread over
   the block's threads), plus registers for operands converted in registers, plus addresses,
   masks and loop state. ptxas caps a thread at 255 registers and spills beyond it.
 
 The estimates are calibrated against ptxas and Triton's allocator for sm_90 (``longcat-bench
-compile`` reports the real numbers for every config a launcher can pick) and err on the safe side.
+compile`` reports the real numbers for every config a launcher can pick) and err on the safe side:
+shared memory is exact or over-estimated for every quantized-GEMM config compiled; registers are an
+estimate of what a config needs, while ptxas may choose to stay lower and spill (Triton 3.7.1 keeps
+the W8A16-fp8 32x128x128 4-warp config at 128 registers with 8 spilled bytes), so the compile gate,
+not this rule, is the final word.
 
 API:
 - ``ARCH_LIMITS[arch]``: per-architecture limits (shared memory per block/SM, registers, threads);
 - ``TileShape``: what a config streams (tile sizes, element sizes, operand/accumulator counts);
 - ``dot_shared_bytes(tile, num_stages)`` and ``dot_registers(tile, num_warps)``: the estimates;
-- ``fits(tile, num_warps, num_stages, arch)``: both within the limits (with the register margin);
+- ``fits(tile, num_warps, num_stages, arch)``: both within the limits of ``sm_<arch>``;
 - ``prune_configs(configs, tile_of, arch)``: the ``triton.Config`` list minus the configs that do
   not fit; ``tile_of(config)`` builds the ``TileShape`` of a config.
 """
@@ -49,9 +53,8 @@ ARCH_LIMITS: dict[int, dict[str, int]] = {
 
 MAX_REGISTERS_PER_THREAD = 255
 # Registers a tiled kernel needs besides accumulators and converted operands (addresses, masks,
-# loop counters, epilogue temporaries), per accumulator; calibrated on sm_90 compiles of the
-# quantized GEMM (Triton 3.7: every config the rule keeps compiles without spills; the rule
-# rejects every config that spills).
+# loop counters, epilogue temporaries) and per accumulator; calibrated on sm_90 compiles of the
+# quantized GEMM with Triton 3.7.1 (it rejects every large-M config that spills there).
 _BASE_REGISTERS = 56
 _REGISTERS_PER_ACCUMULATOR_EPILOGUE = 4
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import resource
 import sys
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["MemoryReport", "track_memory", "nvml_snapshot"]
+__all__ = ["MemoryReport", "track_memory", "nvml_snapshot", "LiveTensorBytes"]
 
 GiB = 1024**3
 
@@ -112,3 +113,53 @@ class track_memory:
         rep.cpu_peak_rss_bytes = _cpu_peak_rss()
         self.report = rep
         return False
+
+
+class LiveTensorBytes:
+    """Context manager counting the bytes of tensor storages created inside it that are still
+    alive, and their peak: an allocator-free view of an activation peak, on any device, the meta
+    device included (so real sizes can be traced without memory). Tensors that existed before
+    (weights, inputs) are not counted; freed means no Python reference to any view is left."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter._track(out)
+                return out
+
+        self.live = self.peak = 0
+        self._refs: dict = {}
+        self._mode = _Mode()
+
+    def _drop(self, key, nbytes):
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def _track(self, out):
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage._cdata, storage.nbytes()
+            if key not in self._refs:
+                self._refs[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self._refs[key] += 1
+            weakref.finalize(t, self._drop, key, nbytes)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -16,6 +16,7 @@ from .model import LongCatVideoTransformer3DModel  # noqa: E402
 from .accelerate import accelerate, acceleration_report, restore  # noqa: E402
 from .cuda_graphs import CUDAGraphStep  # noqa: E402
 from .memory_plan import MemoryPlan, plan_memory  # noqa: E402
+from .pipeline_plan import MemoryBudgetError, PipelineTactics, fit_pipeline, plan_pipeline  # noqa: E402
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS  # noqa: E402
 from .presets import PRESETS, get_preset  # noqa: E402
 
@@ -29,6 +30,10 @@ __all__ = [
     "CUDAGraphStep",
     "plan_memory",
     "MemoryPlan",
+    "plan_pipeline",
+    "fit_pipeline",
+    "PipelineTactics",
+    "MemoryBudgetError",
     "DiTOps",
     "REFERENCE_OPS",
     "SDPA_OPS",

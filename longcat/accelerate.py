@@ -3,8 +3,10 @@
 Works on our ``LongCatVideoTransformer3DModel`` and on an upstream LongCat-Video DiT instance,
 recognised by its module tree (DESIGN.md section 3: ``blocks[i].adaLN_modulation``,
 ``attn.qkv/q_norm/k_norm/proj``, ``cross_attn.q_linear/kv_linear/q_norm/k_norm/proj``,
-``ffn.w1/w2/w3``, ``pre_crs_attn_norm``); no upstream code is imported. Every check runs before
-anything is changed, so a model that is not recognised is left untouched.
+``ffn.w1/w2/w3``, ``pre_crs_attn_norm``); no upstream code is imported. Every argument is checked
+before anything is changed (``compile`` options by ``torch.compile`` itself, on a stand-in
+function), and a failure while patching rolls the model back: after a failed call the model is
+exactly as before it (same module objects, tensors, hooks, forwards and flags).
 
 The patch is recorded on the model: calling ``accelerate`` again first undoes the previous patch
 (so it is idempotent), and ``longcat.restore(model)`` undoes it.
@@ -172,6 +174,57 @@ def _set_bsa(model, bsa) -> None:
             block.attn.enable_bsa = bool(bsa)
 
 
+def _identity(x):
+    return x
+
+
+def _compile_options(compile) -> Optional[dict]:
+    """torch.compile keyword arguments for the blocks (None: no compile), checked by torch.compile
+    on a stand-in function so that a bad mode, backend or keyword fails before the model changes."""
+    if isinstance(compile, bool):
+        return {"dynamic": False} if compile else None
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile keyword arguments, got {type(compile).__name__}")
+    options = {"dynamic": False, **compile}
+    try:
+        torch.compile(_identity, **options)
+    except Exception as e:  # torch raises TypeError, RuntimeError or its own InvalidBackend
+        raise ValueError(f"compile={compile!r} is refused by torch.compile: {e}") from None
+    return options
+
+
+def _snapshot(model: nn.Module):
+    """What ``accelerate`` may change, kept so a failed call can be undone: every module's own
+    attributes (children, parameters, buffers, hooks, patched forwards, flags; dicts copied, the
+    dict objects themselves kept) and every parameter's data (block offload swaps it in place)."""
+    modules = []
+    for m in model.modules():
+        attrs = {k: (v, v.copy() if isinstance(v, dict) else None) for k, v in vars(m).items()}
+        modules.append((m, attrs))
+    data = [(p, p.data) for p in model.parameters()]
+    previous = getattr(model, _STATE_ATTR, None)
+    offloader = previous.get("offload") if previous else None
+    handles = list(offloader.handles) if offloader is not None else None
+    return modules, data, offloader, handles
+
+
+def _roll_back(snapshot) -> None:
+    modules, data, offloader, handles = snapshot
+    for m, attrs in modules:
+        current = vars(m)
+        for k in [k for k in current if k not in attrs]:
+            del current[k]
+        for k, (obj, contents) in attrs.items():
+            if contents is not None:
+                obj.clear()
+                obj.update(contents)
+            current[k] = obj
+    for p, d in data:
+        p.data = d
+    if offloader is not None:
+        offloader.handles = handles
+
+
 def accelerate(
     model: nn.Module,
     *,
@@ -186,6 +239,10 @@ def accelerate(
     context_parallel=None,
     ops: Optional[DiTOps] = None,
     verbose: bool = False,
+    offload_prefetch: int = 1,
+    memory_budget: Union[None, int, str] = None,
+    budget_latent: tuple = (48, 88, 160),
+    budget_batch: int = 1,
 ) -> nn.Module:
     """Patch ``model`` in place and return it.
 
@@ -211,12 +268,25 @@ def accelerate(
         its tokens itself: pass the process group it uses (default: the whole world, when its
         size matches).
     ops: an explicit op table (overrides attention/fused).
+    offload_prefetch: with offload="blocks", how many blocks are copied ahead (1 + this many resident).
+    memory_budget: e.g. "8GB": quantize, offload and the two chunk sizes left at None are chosen
+        by ``longcat.pipeline_plan.fit_dit``, the cheapest whose planned denoising-step peak at
+        ``budget_latent`` (T, H, W; default the 720p refinement) x ``budget_batch`` fits; the
+        choice and its planned peak are printed and noted in the report. Raises
+        ``MemoryBudgetError`` naming the smallest budget that fits when nothing does.
     """
     kind = recognise(model)
+    budget_note = None
+    if memory_budget is not None:
+        quantize, offload, offload_prefetch, ffn_chunk_frames, attention_chunk_frames, budget_note = _fit_budget(
+            model, memory_budget, budget_latent, budget_batch, attention, quantize, offload, offload_prefetch,
+            ffn_chunk_frames, attention_chunk_frames)
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if offload not in (None, "blocks"):
         raise ValueError(f"offload must be None or 'blocks', got {offload!r}")
+    if not isinstance(offload_prefetch, int) or isinstance(offload_prefetch, bool) or offload_prefetch < 1:
+        raise ValueError(f"offload_prefetch must be a positive int (blocks copied ahead), got {offload_prefetch!r}")
     if bsa is not None and not isinstance(bsa, (bool, dict)):
         raise TypeError(f"bsa must be None, a bool or a dict of bsa_params, got {type(bsa).__name__}")
     if ops is None:
@@ -236,11 +306,29 @@ def accelerate(
         from longcat.quant import resolve_config
 
         resolve_config(quantize)  # validate before changing anything
+    compile_options = _compile_options(compile)
 
+    snapshot = _snapshot(model)
+    try:
+        report = _patch(model, kind, ops, cp, bsa, quantize, offload, offload_prefetch, compile_options, budget_note)
+    except BaseException:
+        offloader = (getattr(model, _STATE_ATTR, None) or {}).get("offload")
+        if offloader is not None and offloader.handles:
+            offloader.remove()  # puts the weights back before the module state is restored
+        _roll_back(snapshot)
+        raise
+    if verbose:
+        print(report)
+    return model
+
+
+def _patch(model, kind, ops, cp, bsa, quantize, offload, offload_prefetch, compile_options, budget_note) -> AccelerationReport:
+    """Apply the checked settings (``accelerate`` undoes a partial patch if this raises)."""
     if getattr(model, _STATE_ATTR, None) is not None:
         restore(model)
 
     state = {"kind": kind, "ops_before": getattr(model, "ops", None), "bsa_before": [(b.attn.enable_bsa, b.attn.bsa_params) for b in model.blocks], "offload": None}
+    setattr(model, _STATE_ATTR, state)  # from here on, a failure can find the offloader to undo
     _set_bsa(model, bsa)
     if kind == "longcat":
         model.set_ops(ops)
@@ -260,23 +348,52 @@ def accelerate(
     if offload == "blocks":
         from .offload import BlockOffloader
 
-        state["offload"] = BlockOffloader(model.blocks)
+        state["offload"] = BlockOffloader(model.blocks, prefetch=offload_prefetch)
         report.offload = "blocks"
-    if compile:
-        options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+        if offload_prefetch != 1:
+            report.notes.append(f"block offload copies {offload_prefetch} blocks ahead")
+    if compile_options is not None:
         for block in model.blocks:
             block._longcat_eager_forward = block.forward
-            block.forward = torch.compile(block.forward, **options)
+            block.forward = torch.compile(block.forward, **compile_options)
         report.compiled = True
     if cp is not None:
         report.context_parallel = f"{cp.size} ranks, split_hw {cp.split_hw}"
     if ops.attention_chunk_frames or ops.ffn_chunk_frames:
         report.chunking = f"blocks {ops.attention_chunk_frames or 'whole'}, FFN {ops.ffn_chunk_frames or ops.attention_chunk_frames}"
+    if budget_note:
+        report.notes.append(budget_note)
     state["report"] = report
-    setattr(model, _STATE_ATTR, state)
-    if verbose:
-        print(report)
-    return model
+    return report
+
+
+def _fit_budget(model, memory_budget, latent, batch, attention, quantize, offload, offload_prefetch, ffn_chunk_frames,
+                attention_chunk_frames):
+    """Map ``memory_budget`` onto the keyword arguments the caller left open (None)."""
+    from .pipeline_plan import fit_dit
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) and not hasattr(config, "items"):
+        raise ValueError("memory_budget needs the model's config (a dict at model.config) to plan its memory")
+    if quantize is not None and quantize not in ("int8", "fp8"):
+        raise ValueError(f"with memory_budget, quantize must be None, 'int8' or 'fp8' (weight-only), got {quantize!r}")
+    fixed = {}
+    if quantize is not None:
+        fixed["dit_weights"] = quantize
+    if offload is not None:
+        fixed["offload_prefetch"] = offload_prefetch if offload == "blocks" else None
+    if ffn_chunk_frames is not None:
+        fixed["ffn_chunk_frames"] = ffn_chunk_frames
+    if attention_chunk_frames is not None:
+        fixed["attention_chunk_frames"] = attention_chunk_frames
+    tactics, plan = fit_dit(memory_budget, dict(config), latent=latent, batch=batch, attention=attention, fixed=fixed)
+    kw = tactics.accelerate_kwargs()
+    note = (f"memory budget {memory_budget}: chose weights {tactics.dit_weights}, "
+            f"offload {'blocks (prefetch %d)' % tactics.offload_prefetch if tactics.offload_prefetch else 'none'}, "
+            f"attention_chunk_frames={tactics.attention_chunk_frames}, ffn_chunk_frames={tactics.ffn_chunk_frames}; "
+            f"planned step peak {plan.peak_bytes / 1e9:.2f} GB at latent {tuple(latent)} x batch {batch} (planned, not measured)")
+    print(f"longcat.accelerate: {note}")
+    return kw["quantize"], kw["offload"], kw["offload_prefetch"], kw["ffn_chunk_frames"], kw["attention_chunk_frames"], note
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@
 DiT with random weights, timed, with peak memory and a summary table. Without a GPU it runs the
 small preset on the CPU and says so.
 
-Subcommands: model, kernels, memory, accuracy, report, compare, check, pipeline (see ``--help`` of each).
+Subcommands: model, kernels, memory, accuracy, report, compare, check, pipeline, compile (see ``--help`` of each).
 """
 from __future__ import annotations
 
@@ -455,6 +455,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from .compile_report import main_compile
+
+    return main_compile(args, args.argv)
+
+
 def cmd_compare(args) -> int:
     from .compare import Tolerances, compare_docs, format_rows, regressions
 
@@ -640,6 +646,20 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--json", help="also write this run's figures here")
     ck.add_argument("--verbose", action="store_true", help="print every compared value")
     ck.set_defaults(func=cmd_check)
+
+    cc = sub.add_parser("compile", help="compile every kernel's launch configs at the real shapes for a GPU arch, "
+                        "without a GPU: registers, spills, shared memory, tensor cores, pipeline depth")
+    cc.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80 (default 90)")
+    cc.add_argument("--sizes", nargs="+", choices=["480p", "720p"], default=["480p", "720p"])
+    cc.add_argument("--ops", nargs="+", metavar="OP", help="only cases whose name starts with one of these")
+    cc.add_argument("--hot", action="store_true", help="only the inference-path cases (what the CI gate compiles)")
+    cc.add_argument("--fail", action="store_true", help="exit 1 when a config fails to compile, spills or exceeds shared memory")
+    cc.add_argument("--verbose", action="store_true", help="print each compilation as it starts")
+    cc.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compilations at a time (default: up to 2)")
+    cc.add_argument("--cache", help="JSON file of static stats per kernel specialisation, read and rewritten "
+                    "(only compilations whose kernel source, specialisation and Triton version match are reused)")
+    cc.add_argument("--json", help="write the results JSON here (e.g. bench/results/compile-sm90.json)")
+    cc.set_defaults(func=cmd_compile)
     return p
 
 
@@ -667,6 +687,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if as_program:
         _reexec_with_interpreter(argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     try:
         for option in ("json", "output"):
             _check_output(getattr(args, option, None), "--" + option)

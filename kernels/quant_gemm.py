@@ -27,7 +27,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import check_same_device, check_tensor, fallback_warning, fp8_supported, interpreter_enabled, triton_runs_on
+from ._configs import TileShape, prune_configs
+from ._runtime import (check_same_device, check_tensor, device_capability, fallback_warning, fp8_supported,
+                       interpreter_enabled, triton_runs_on)
 
 __all__ = [
     "int8_weight_only_linear",
@@ -106,6 +108,8 @@ def _gpu_configs():
         # Large M (DiT tokens): wgmma-sized tiles for the H200.
         cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # 8 warps: two SwiGLU accumulators of 128x128 fit the registers (64 fp32 each per thread)
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
@@ -117,15 +121,24 @@ def _gpu_configs():
     ]
 
 
+def _gemm_tile(config, named_args, kwargs) -> TileShape:
+    x, w = named_args["x_ptr"], named_args["w_ptr"]
+    pair = 2 if kwargs["SWIGLU"] else 1
+    convert = 0 if kwargs["A8"] else (4 if w.dtype == torch.float8_e4m3fn else x.element_size())
+    return TileShape(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], x.element_size(),
+                     w.element_size(), b_operands=pair, accumulators=pair, b_convert_bytes=convert)
+
+
 def _prune_configs(configs, named_args, **kwargs):
     m = named_args["M"]
-    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
-    large = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
     if m <= 32:
-        return small
-    if m <= 256:
-        return [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
-    return large
+        by_m = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
+    elif m <= 256:
+        by_m = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    else:
+        by_m = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    major, minor = device_capability(named_args["x_ptr"]) or (9, 0)
+    return prune_configs(by_m, lambda c: _gemm_tile(c, named_args, kwargs), arch=10 * major + minor)
 
 
 if interpreter_enabled():

@@ -33,6 +33,14 @@ def check_kernel_inputs(head_dim: int, **tensors: torch.Tensor) -> None:
         )
 
 
+def check_scale(scale) -> float:
+    """The softmax scale as a float. The kernels take a row's maximum score before scaling it,
+    which is right only for a positive scale."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels take arbitrary strides except along the last dimension, which must be 1
     (vectorised loads); anything else (e.g. an expanded gradient) is copied once."""
@@ -44,22 +52,93 @@ def dot_precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def flash_fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+# Shared memory one block may use on sm_90 (H100/H200); the launchers read the device's own limit.
+SM90_SHARED_LIMIT = 232_448
+
+# Forward configs per (head_dim, 16-bit or fp32), best first. Hopper wants 128-key blocks and at
+# least two K/V tiles in flight; the first config that fits the device's shared memory is used.
+_FWD_CANDIDATES_16BIT = {
+    16: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)],
+    32: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)],
+    64: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
+    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+    256: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)],
+}
+_FWD_CANDIDATES_FP32 = {
+    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    128: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)],
+    256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)],
+}
+# Backward: dk/dv keeps a key block resident and streams query blocks; dq the reverse.
+_BWD_CANDIDATES_16BIT = {
+    16: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3))],
+    32: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3))],
+    64: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+              dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
+    128: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+               dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
+    256: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+               dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2))],
+}
+_BWD_CANDIDATES_FP32 = {
+    d: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if d >= 128 else 4, num_stages=2),
+             dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if d >= 128 else 4, num_stages=2))]
+    for d in SUPPORTED_HEAD_DIMS
+}
+
+
+def fwd_shared_bytes(cfg: dict, head_dim: int, elem: int) -> int:
+    """Shared memory of the forward kernel: the query block plus ``num_stages`` K and V blocks
+    (the pipeline's buffers; matches Triton's allocation on sm_90)."""
+    return elem * head_dim * (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"])
+
+
+def bwd_shared_bytes(cfg: dict, head_dim: int, elem: int) -> int:
+    """Shared memory of either backward kernel: its resident blocks plus ``num_stages`` copies of
+    the two streamed blocks (an upper bound of Triton's allocation)."""
+    dkdv, dq = cfg["dkdv"], cfg["dq"]
+    return elem * head_dim * max(
+        2 * dkdv["BLOCK_N"] + 2 * dkdv["num_stages"] * dkdv["BLOCK_M"],
+        2 * dq["BLOCK_M"] + 2 * dq["num_stages"] * dq["BLOCK_N"],
+    )
+
+
+def shared_limit(device: torch.device | None) -> int:
+    """Shared memory one block may opt into on ``device`` (sm_90's for the CPU interpreter)."""
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", SM90_SHARED_LIMIT))
+    return SM90_SHARED_LIMIT
+
+
+def _first_fitting(candidates: list[dict], need, limit: int) -> dict:
+    """The first candidate whose shared memory fits ``limit`` (the resource rule), else the
+    smallest one (which Triton then reports if even that cannot launch)."""
+    for cfg in candidates:
+        if need(cfg) <= limit:
+            return cfg
+    return min(candidates, key=need)
+
+
+def flash_fwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT) -> dict:
     """Static block choice (no autotune: one config also keeps the CPU interpreter happy)."""
-    if dtype == torch.float32:
-        if head_dim >= 256:
-            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if head_dim >= 256:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+    elem = torch.finfo(dtype).bits // 8
+    table = _FWD_CANDIDATES_FP32 if dtype == torch.float32 else _FWD_CANDIDATES_16BIT
+    return dict(_first_fitting(table[head_dim], lambda c: fwd_shared_bytes(c, head_dim, elem), limit))
 
 
-def flash_bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    if dtype == torch.float32 or head_dim >= 256:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if head_dim >= 128 else 4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
-
+def flash_bwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT) -> dict:
+    """``{"dkdv": cfg, "dq": cfg}`` for the two backward kernels."""
+    elem = torch.finfo(dtype).bits // 8
+    table = _BWD_CANDIDATES_FP32 if dtype == torch.float32 else _BWD_CANDIDATES_16BIT
+    cfg = _first_fitting(table[head_dim], lambda c: bwd_shared_bytes(c, head_dim, elem), limit)
+    return {name: dict(c) for name, c in cfg.items()}
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
@@ -71,19 +150,53 @@ def next_pow2(n: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Flash-attention kernels (dense and varlen)
+#
+# Every kernel clamps a sample's rows to its tensor's extent: offsets past the end or going
+# backwards give a shorter or empty sample, never an access outside the tensor. Key (or query) loops run over full blocks without masks, then at most one masked tail block.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _sample_span(Cu, b, seqlen, VARLEN: tl.constexpr):
-    """(first row, length) of sample ``b``: from cu_seqlens when VARLEN, else (0, seqlen)."""
+    """(first row, length) of sample ``b``: from cu_seqlens when VARLEN (clamped to the tensor's
+    ``seqlen`` rows), else (0, seqlen)."""
     if VARLEN:
         start = tl.load(Cu + b).to(tl.int64)
-        length = tl.load(Cu + b + 1).to(tl.int64) - start
+        end = tl.load(Cu + b + 1).to(tl.int64)
+        start = tl.minimum(tl.maximum(start, 0), seqlen)
+        end = tl.minimum(tl.maximum(end, start), seqlen)
+        length = end - start
     else:
         start = tl.zeros([], dtype=tl.int64)
         length = tl.zeros([], dtype=tl.int64) + seqlen
     return start, length
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, cols, k_len, qk_scale_log2,
+               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax. Scores go to base 2 with one multiply by
+    ``scale * log2(e)`` folded into the exponent (the row maximum is taken before scaling, which
+    needs scale > 0). Only the tail block (MASKED) pays for masks; its first key is valid, so the
+    running maximum stays finite and no NaN guard is needed."""
+    if MASKED:
+        mask_n = cols < k_len
+        k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+    p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -102,6 +215,7 @@ def _flash_fwd_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """seqlen_q/seqlen_k: rows per sample (dense) or rows of the packed tensors (varlen)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -110,37 +224,31 @@ def _flash_fwd_kernel(
     k_start, k_len = _sample_span(CuK, b, seqlen_k, VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
+    k_full = k_len - k_len % BLOCK_N
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < q_len
-    rows_m = (q_start + offs_m).to(tl.int64)
-
+    rows_m = q_start + offs_m
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :],
                 mask=mask_m[:, None], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + h * stride_vh + k_start * stride_vs
+    k_ptrs = (K + b * stride_kb + h * stride_kh + k_start * stride_ks
+              + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :])
+    v_ptrs = (V + b * stride_vb + h * stride_vh + k_start * stride_vs
+              + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, k_len, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < k_len
-        kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
-                     mask=mask_n[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        # the first key of every block is valid, so m_new is finite and alpha never NaN
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start_n in range(0, k_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n + offs_n, k_len, qk_scale_log2,
+                                   False, DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    if k_full < k_len:
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_full + offs_n, k_len, qk_scale_log2,
+                                   True, DOT_PRECISION)
 
     # a sample without keys: output 0, lse -inf (never 0/0)
     empty = l_i == 0.0
@@ -184,6 +292,32 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, q_len, qk_scale_log2,
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block's contribution to a key block's dk (unscaled) and dv, computed transposed
+    (keys along rows) so neither accumulator needs a transpose. Query rows past the sample load
+    as q = do = lse = delta = 0 and then contribute exactly 0: the tail needs masked loads only."""
+    if MASKED:
+        mask_m = rows < q_len
+        q = tl.load(q_ptrs, mask=mask_m[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=mask_m[:, None], other=0.0)
+        lse = tl.load(lse_ptrs, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptrs, mask=mask_m, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    pt = tl.exp2(qkt * qk_scale_log2 - (lse * 1.4426950408889634)[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _flash_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK,
     sm_scale, qk_scale_log2,
@@ -209,42 +343,59 @@ def _flash_bwd_dkdv_kernel(
     k_start, k_len = _sample_span(CuK, b, seqlen_k, VARLEN)
     if pid_n * BLOCK_N >= k_len:
         return
+    q_full = q_len - q_len % BLOCK_M
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_n = offs_n < k_len
-    rows_n = (k_start + offs_n).to(tl.int64)
+    rows_n = k_start + offs_n
     k = tl.load(K + b * stride_kb + h * stride_kh + rows_n[:, None] * stride_ks + offs_d[None, :],
                 mask=mask_n[:, None], other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + rows_n[:, None] * stride_vs + offs_d[None, :],
                 mask=mask_n[:, None], other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-    do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
-    l_base = b * stride_lb + h * stride_lh + q_start * stride_ls
+    q_ptrs = (Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
+    do_ptrs = (DO + b * stride_dob + h * stride_doh + q_start * stride_dos
+               + offs_m[:, None].to(tl.int64) * stride_dos + offs_d[None, :])
+    l_off = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for start_m in range(0, q_len, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < q_len
-        rows = rows.to(tl.int64)
-        qt = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None], mask=mask_m[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-        lse = tl.load(Lse + l_base + rows * stride_ls, mask=mask_m, other=0.0)
-        delta = tl.load(Delta + l_base + rows * stride_ls, mask=mask_m, other=0.0)
-        qkt = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-        pt = tl.exp2(qkt - lse[None, :] * 1.4426950408889634)
-        pt = tl.where(mask_m[None, :], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    for start_m in range(0, q_full, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, Lse + l_off, Delta + l_off, start_m + offs_m, q_len,
+                             qk_scale_log2, False, DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qs
+        do_ptrs += BLOCK_M * stride_dos
+        l_off += BLOCK_M * stride_ls
+    if q_full < q_len:
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, Lse + l_off, Delta + l_off, q_full + offs_m, q_len,
+                             qk_scale_log2, True, DOT_PRECISION)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + rows_n[:, None] * stride_dvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, cols, k_len, qk_scale_log2,
+              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block's contribution to a query block's dq (unscaled). Keys past the sample load
+    as k = v = 0, whose product with ds is 0: the tail needs masked loads only."""
+    if MASKED:
+        mask_n = cols < k_len
+        k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2(qk * qk_scale_log2 - lse_log2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -272,35 +423,34 @@ def _flash_bwd_dq_kernel(
     k_start, k_len = _sample_span(CuK, b, seqlen_k, VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
+    k_full = k_len - k_len % BLOCK_N
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < q_len
-    rows_m = (q_start + offs_m).to(tl.int64)
+    rows_m = q_start + offs_m
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :],
                 mask=mask_m[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m[:, None] * stride_dos + offs_d[None, :],
                  mask=mask_m[:, None], other=0.0)
     l_off = b * stride_lb + h * stride_lh + rows_m * stride_ls
-    lse = tl.load(Lse + l_off, mask=mask_m, other=0.0)
+    lse_log2 = tl.load(Lse + l_off, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + l_off, mask=mask_m, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + h * stride_vh + k_start * stride_vs
+    k_ptrs = (K + b * stride_kb + h * stride_kh + k_start * stride_ks
+              + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :])
+    v_ptrs = (V + b * stride_vb + h * stride_vh + k_start * stride_vs
+              + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :])
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, k_len, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < k_len
-        cols = cols.to(tl.int64)
-        kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=mask_n[None, :], other=0.0)
-        vt = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None], mask=mask_n[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.exp2(qk - lse[:, None] * 1.4426950408889634)
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    for start_n in range(0, k_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, start_n + offs_n, k_len, qk_scale_log2,
+                       False, DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    if k_full < k_len:
+        dq = _dq_block(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_full + offs_n, k_len, qk_scale_log2,
+                       True, DOT_PRECISION)
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
@@ -338,36 +488,48 @@ def bwd_delta(out, grad_out, grad_lse, lse, layout: str, batch: int, num_heads: 
     return delta
 
 
-def flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, layout, batch, num_heads, max_q, max_k, varlen):
+def _grid_rows(max_rows: int, rows: int) -> int:
+    """Rows the grid covers per sample: the caller's bound, never more than the tensor holds."""
+    return min(max(int(max_rows), 1), max(rows, 1))
+
+
+def flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, layout, batch, num_heads, rows_q, rows_k, max_q):
+    """Launch the forward kernel. rows_q/rows_k: rows per sample (dense) or of the packed tensors
+    (varlen, with offsets ``cu_q``/``cu_k``; dense passes None); max_q (the longest sample's
+    query count) sizes the grid: query rows past it are not computed."""
     head_dim = q.shape[-1]
-    cfg = flash_fwd_config(head_dim, q.dtype)
-    grid = (cdiv(max(max_q, 1), cfg["BLOCK_M"]), batch * num_heads)
+    cfg = flash_fwd_config(head_dim, q.dtype, shared_limit(q.device))
+    grid = (cdiv(_grid_rows(max_q, rows_q), cfg["BLOCK_M"]), batch * num_heads)
+    varlen = cu_q is not None
     _flash_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k,
+        q, k, v, out, lse, cu_q if varlen else lse, cu_k if varlen else lse,
         scale * LOG2E,
         *strides3(q, layout), *strides3(k, layout), *strides3(v, layout), *strides3(out, layout),
         *lse_strides(lse, layout),
-        num_heads, max_q, max_k,
+        num_heads, rows_q, rows_k,
         VARLEN=varlen, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype), **cfg,
     )
 
 
 def flash_backward(do, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, scale, layout, batch, num_heads,
-                   max_q, max_k, varlen):
+                   rows_q, rows_k, max_q, max_k):
+    """Launch the dk/dv and dq kernels (arguments as in ``flash_forward``)."""
     head_dim = q.shape[-1]
-    cfg = flash_bwd_config(head_dim, q.dtype)
-    common = dict(VARLEN=varlen, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype), **cfg)
+    cfg = flash_bwd_config(head_dim, q.dtype, shared_limit(q.device))
+    varlen = cu_q is not None
+    cus = (cu_q, cu_k) if varlen else (lse, lse)
+    common = dict(VARLEN=varlen, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype))
     strides = (*strides3(q, layout), *strides3(k, layout), *strides3(v, layout), *strides3(do, layout),
                *lse_strides(lse, layout))
-    grid_kv = (cdiv(max(max_k, 1), cfg["BLOCK_N"]), batch * num_heads)
+    grid_kv = (cdiv(_grid_rows(max_k, rows_k), cfg["dkdv"]["BLOCK_N"]), batch * num_heads)
     _flash_bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale, scale * LOG2E,
+        q, k, v, do, lse, delta, dk, dv, *cus, scale, scale * LOG2E,
         *strides, *strides3(dk, layout), *strides3(dv, layout),
-        num_heads, max_q, max_k, **common,
+        num_heads, rows_q, rows_k, **common, **cfg["dkdv"],
     )
-    grid_q = (cdiv(max(max_q, 1), cfg["BLOCK_M"]), batch * num_heads)
+    grid_q = (cdiv(_grid_rows(max_q, rows_q), cfg["dq"]["BLOCK_M"]), batch * num_heads)
     _flash_bwd_dq_kernel[grid_q](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, scale, scale * LOG2E,
+        q, k, v, do, lse, delta, dq, *cus, scale, scale * LOG2E,
         *strides, *strides3(dq, layout),
-        num_heads, max_q, max_k, **common,
+        num_heads, rows_q, rows_k, **common, **cfg["dq"],
     )

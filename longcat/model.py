@@ -78,9 +78,10 @@ class PreparedText(_PreparedTextFields):
 
     def __new__(cls, text: torch.Tensor, cu_seqlens: torch.Tensor):
         check_tensor("prepared_text.text", text, ndim=2)
-        check_cu_seqlens("prepared_text.cu_seqlens", cu_seqlens, text.shape[0])
+        check_tensor("prepared_text.cu_seqlens", cu_seqlens)
         if cu_seqlens.device != text.device:
             raise ValueError(f"prepared_text.cu_seqlens is on {cu_seqlens.device}, prepared_text.text on {text.device}")
+        check_cu_seqlens("prepared_text.cu_seqlens", cu_seqlens, text.shape[0])
         return super().__new__(cls, text, cu_seqlens)
 
     @classmethod

@@ -55,16 +55,23 @@ def dot_precision(dtype: torch.dtype):
 # Shared memory one block may use on sm_90 (H100/H200); the launchers read the device's own limit.
 SM90_SHARED_LIMIT = 232_448
 
-# Forward configs per (head_dim, 16-bit or fp32), best first. Hopper wants 128-key blocks and at
-# least two K/V tiles in flight; the first config that fits the device's shared memory is used.
+# Forward configs per head_dim for 16-bit inputs, best first: 128-key blocks where they compile
+# without spills, at least two K/V tiles in flight (num_stages >= 3); the first config that fits
+# the device's shared memory is used. Each was compiled for sm_90 (bf16): 0 spills, no
+# serialized wgmma. Four warps at 128x128 spill, and 128x128 spills 8 B in the varlen
+# kernel at D=128 (its offset clamps), which takes 64-key blocks there.
 _FWD_CANDIDATES_16BIT = {
-    16: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)],
-    32: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)],
+    16: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
+    32: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
     64: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
-    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),  # 229,376 B of shared memory
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
-    256: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)],
+    256: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)],
+}
+_FWD_VARLEN_CANDIDATES_16BIT = {
+    **_FWD_CANDIDATES_16BIT,
+    128: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
 }
 _FWD_CANDIDATES_FP32 = {
     16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
@@ -73,16 +80,12 @@ _FWD_CANDIDATES_FP32 = {
     128: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)],
     256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)],
 }
-# Backward: dk/dv keeps a key block resident and streams query blocks; dq the reverse.
+# Backward: dk/dv keeps a 128-key block resident and streams 64-query blocks; dq keeps 128
+# queries and streams 64 keys. Eight warps: four spill and serialize wgmma (C7511-C7512).
+_BWD_16BIT = dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+                  dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
 _BWD_CANDIDATES_16BIT = {
-    16: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-              dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3))],
-    32: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-              dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3))],
-    64: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-              dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
-    128: [dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-               dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
+    16: [_BWD_16BIT], 32: [_BWD_16BIT], 64: [_BWD_16BIT], 128: [_BWD_16BIT],
     256: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
                dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
@@ -126,10 +129,13 @@ def _first_fitting(candidates: list[dict], need, limit: int) -> dict:
     return min(candidates, key=need)
 
 
-def flash_fwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT) -> dict:
+def flash_fwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT, varlen: bool = False) -> dict:
     """Static block choice (no autotune: one config also keeps the CPU interpreter happy)."""
     elem = torch.finfo(dtype).bits // 8
-    table = _FWD_CANDIDATES_FP32 if dtype == torch.float32 else _FWD_CANDIDATES_16BIT
+    if dtype == torch.float32:
+        table = _FWD_CANDIDATES_FP32
+    else:
+        table = _FWD_VARLEN_CANDIDATES_16BIT if varlen else _FWD_CANDIDATES_16BIT
     return dict(_first_fitting(table[head_dim], lambda c: fwd_shared_bytes(c, head_dim, elem), limit))
 
 
@@ -233,21 +239,23 @@ def _flash_fwd_kernel(
     rows_m = q_start + offs_m
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :],
                 mask=mask_m[:, None], other=0.0)
-    k_ptrs = (K + b * stride_kb + h * stride_kh + k_start * stride_ks
-              + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :])
-    v_ptrs = (V + b * stride_vb + h * stride_vh + k_start * stride_vs
-              + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :])
+    # scalar 64-bit bases advanced per block plus 32-bit in-block offsets: fewer registers than
+    # a 64-bit pointer per element (BLOCK_N rows times a row stride stays far below 2**31)
+    k_base = K + b * stride_kb + h * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + h * stride_vh + k_start * stride_vs
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, k_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n + offs_n, k_len, qk_scale_log2,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base + k_offs, v_base + v_offs, start_n + offs_n, k_len, qk_scale_log2,
                                    False, DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
+        k_base += BLOCK_N * stride_ks
+        v_base += BLOCK_N * stride_vs
     if k_full < k_len:
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_full + offs_n, k_len, qk_scale_log2,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base + k_offs, v_base + v_offs, k_full + offs_n, k_len, qk_scale_log2,
                                    True, DOT_PRECISION)
 
     # a sample without keys: output 0, lse -inf (never 0/0)
@@ -354,23 +362,24 @@ def _flash_bwd_dkdv_kernel(
                 mask=mask_n[:, None], other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + rows_n[:, None] * stride_vs + offs_d[None, :],
                 mask=mask_n[:, None], other=0.0)
-    q_ptrs = (Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
-    do_ptrs = (DO + b * stride_dob + h * stride_doh + q_start * stride_dos
-               + offs_m[:, None].to(tl.int64) * stride_dos + offs_d[None, :])
-    l_off = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+    do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
+    l_base = b * stride_lb + h * stride_lh + q_start * stride_ls
+    q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
+    do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]
+    l_offs = offs_m * stride_ls
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for start_m in range(0, q_full, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, Lse + l_off, Delta + l_off, start_m + offs_m, q_len,
-                             qk_scale_log2, False, DOT_PRECISION)
-        q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
-        l_off += BLOCK_M * stride_ls
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base + q_offs, do_base + do_offs, Lse + l_base + l_offs,
+                             Delta + l_base + l_offs, start_m + offs_m, q_len, qk_scale_log2, False, DOT_PRECISION)
+        q_base += BLOCK_M * stride_qs
+        do_base += BLOCK_M * stride_dos
+        l_base += BLOCK_M * stride_ls
     if q_full < q_len:
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, Lse + l_off, Delta + l_off, q_full + offs_m, q_len,
-                             qk_scale_log2, True, DOT_PRECISION)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base + q_offs, do_base + do_offs, Lse + l_base + l_offs,
+                             Delta + l_base + l_offs, q_full + offs_m, q_len, qk_scale_log2, True, DOT_PRECISION)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
@@ -437,19 +446,21 @@ def _flash_bwd_dq_kernel(
     l_off = b * stride_lb + h * stride_lh + rows_m * stride_ls
     lse_log2 = tl.load(Lse + l_off, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + l_off, mask=mask_m, other=0.0)
-    k_ptrs = (K + b * stride_kb + h * stride_kh + k_start * stride_ks
-              + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :])
-    v_ptrs = (V + b * stride_vb + h * stride_vh + k_start * stride_vs
-              + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :])
+    # scalar 64-bit bases advanced per block plus 32-bit in-block offsets: fewer registers than
+    # a 64-bit pointer per element (BLOCK_N rows times a row stride stays far below 2**31)
+    k_base = K + b * stride_kb + h * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + h * stride_vh + k_start * stride_vs
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, k_full, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, start_n + offs_n, k_len, qk_scale_log2,
+        dq = _dq_block(dq, q, do, lse_log2, delta, k_base + k_offs, v_base + v_offs, start_n + offs_n, k_len, qk_scale_log2,
                        False, DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
+        k_base += BLOCK_N * stride_ks
+        v_base += BLOCK_N * stride_vs
     if k_full < k_len:
-        dq = _dq_block(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_full + offs_n, k_len, qk_scale_log2,
+        dq = _dq_block(dq, q, do, lse_log2, delta, k_base + k_offs, v_base + v_offs, k_full + offs_n, k_len, qk_scale_log2,
                        True, DOT_PRECISION)
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :],
@@ -498,9 +509,9 @@ def flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, layout, batch, num_heads
     (varlen, with offsets ``cu_q``/``cu_k``; dense passes None); max_q (the longest sample's
     query count) sizes the grid: query rows past it are not computed."""
     head_dim = q.shape[-1]
-    cfg = flash_fwd_config(head_dim, q.dtype, shared_limit(q.device))
-    grid = (cdiv(_grid_rows(max_q, rows_q), cfg["BLOCK_M"]), batch * num_heads)
     varlen = cu_q is not None
+    cfg = flash_fwd_config(head_dim, q.dtype, shared_limit(q.device), varlen)
+    grid = (cdiv(_grid_rows(max_q, rows_q), cfg["BLOCK_M"]), batch * num_heads)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, cu_q if varlen else lse, cu_k if varlen else lse,
         scale * LOG2E,

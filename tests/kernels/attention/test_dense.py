@@ -48,6 +48,8 @@ def _check_against_oracle(q, k, v, scale=None, grads=True):
         (2, 2, 150, 97, 64),  # Sq != Skv, neither a multiple of the blocks, batch > 1
         (1, 1, 33, 70, 128),
         (1, 2, 5, 3, 16),  # shorter than one block
+        (1, 1, 20, 300, 64),  # full key blocks of every config, then a masked tail
+        (1, 1, 130, 256, 32),  # whole key blocks only: no tail
     ],
 )
 def test_forward_backward_matches_oracle(gen, dtype, B, H, Sq, Skv, D):
@@ -100,6 +102,9 @@ def test_rejects_bad_inputs(gen):
         dense_attention(q, q.to("meta"), q)
     with pytest.raises(ValueError, match="disagree"):
         dense_attention(q, q[:, :, :, :16], q[:, :, :, :16])
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            dense_attention(q, q, q, scale=bad)
 
 
 def test_torch_compile_fullgraph(gen):

@@ -66,19 +66,17 @@ _FWD_CANDIDATES_16BIT = {
     64: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
     128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),  # 229,376 B of shared memory
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
-    256: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+    256: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),  # 229,376 B
           dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)],
 }
 _FWD_VARLEN_CANDIDATES_16BIT = {
     **_FWD_CANDIDATES_16BIT,
     128: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
 }
+# fp32 (exact, no tensor cores on the GPU): small blocks.
 _FWD_CANDIDATES_FP32 = {
-    16: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    32: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    64: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    128: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)],
-    256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)],
+    **{d: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)] for d in (16, 32, 64, 128)},
+    256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)],
 }
 # Backward: dk/dv keeps a 128-key block resident and streams 64-query blocks; dq keeps 128
 # queries and streams 64 keys. Eight warps: four spill and serialize wgmma (C7511-C7512).
@@ -89,9 +87,14 @@ _BWD_CANDIDATES_16BIT = {
     256: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
                dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
+# The varlen dk/dv kernel spills 144 B at 64x128 (D=128): 32 queries per step there.
+_BWD_VARLEN_CANDIDATES_16BIT = {
+    **_BWD_CANDIDATES_16BIT,
+    128: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3), dq=_BWD_16BIT["dq"])],
+}
 _BWD_CANDIDATES_FP32 = {
-    d: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if d >= 128 else 4, num_stages=2),
-             dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if d >= 128 else 4, num_stages=2))]
+    d: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if d >= 128 else 4, num_stages=1),
+             dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if d >= 128 else 4, num_stages=1))]
     for d in SUPPORTED_HEAD_DIMS
 }
 
@@ -103,12 +106,14 @@ def fwd_shared_bytes(cfg: dict, head_dim: int, elem: int) -> int:
 
 
 def bwd_shared_bytes(cfg: dict, head_dim: int, elem: int) -> int:
-    """Shared memory of either backward kernel: its resident blocks plus ``num_stages`` copies of
-    the two streamed blocks (an upper bound of Triton's allocation)."""
+    """Shared memory of the larger backward kernel: its two resident blocks plus ``num_stages``
+    copies of the two streamed blocks (and, for dk/dv, of the fp32 lse and delta rows); at or
+    above Triton's allocation on sm_90."""
     dkdv, dq = cfg["dkdv"], cfg["dq"]
-    return elem * head_dim * max(
-        2 * dkdv["BLOCK_N"] + 2 * dkdv["num_stages"] * dkdv["BLOCK_M"],
-        2 * dq["BLOCK_M"] + 2 * dq["num_stages"] * dq["BLOCK_N"],
+    return max(
+        elem * head_dim * (2 * dkdv["BLOCK_N"] + 2 * dkdv["num_stages"] * dkdv["BLOCK_M"])
+        + 8 * dkdv["num_stages"] * dkdv["BLOCK_M"],
+        elem * head_dim * (2 * dq["BLOCK_M"] + 2 * dq["num_stages"] * dq["BLOCK_N"]),
     )
 
 
@@ -139,10 +144,13 @@ def flash_fwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED
     return dict(_first_fitting(table[head_dim], lambda c: fwd_shared_bytes(c, head_dim, elem), limit))
 
 
-def flash_bwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT) -> dict:
+def flash_bwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT, varlen: bool = False) -> dict:
     """``{"dkdv": cfg, "dq": cfg}`` for the two backward kernels."""
     elem = torch.finfo(dtype).bits // 8
-    table = _BWD_CANDIDATES_FP32 if dtype == torch.float32 else _BWD_CANDIDATES_16BIT
+    if dtype == torch.float32:
+        table = _BWD_CANDIDATES_FP32
+    else:
+        table = _BWD_VARLEN_CANDIDATES_16BIT if varlen else _BWD_CANDIDATES_16BIT
     cfg = _first_fitting(table[head_dim], lambda c: bwd_shared_bytes(c, head_dim, elem), limit)
     return {name: dict(c) for name, c in cfg.items()}
 
@@ -526,8 +534,8 @@ def flash_backward(do, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, scale, layou
                    rows_q, rows_k, max_q, max_k):
     """Launch the dk/dv and dq kernels (arguments as in ``flash_forward``)."""
     head_dim = q.shape[-1]
-    cfg = flash_bwd_config(head_dim, q.dtype, shared_limit(q.device))
     varlen = cu_q is not None
+    cfg = flash_bwd_config(head_dim, q.dtype, shared_limit(q.device), varlen)
     cus = (cu_q, cu_k) if varlen else (lse, lse)
     common = dict(VARLEN=varlen, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype))
     strides = (*strides3(q, layout), *strides3(k, layout), *strides3(v, layout), *strides3(do, layout),

@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._configs import ARCH_LIMITS, MAX_REGISTERS_PER_THREAD, TileShape, dot_registers
+from .._runtime import device_capability
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -52,9 +55,6 @@ def dot_precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-# Shared memory one block may use on sm_90 (H100/H200); the launchers read the device's own limit.
-SM90_SHARED_LIMIT = 232_448
-
 # Forward configs per head_dim for 16-bit inputs, best first: 128-key blocks where they compile
 # without spills, at least two K/V tiles in flight (num_stages >= 3); the first config that fits
 # the device's shared memory is used. Each was compiled for sm_90 (bf16): 0 spills, no
@@ -63,17 +63,19 @@ SM90_SHARED_LIMIT = 232_448
 _FWD_CANDIDATES_16BIT = {
     16: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
     32: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
-    64: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)],
+    64: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)],
     128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),  # 229,376 B of shared memory
-          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)],  # 98,304 B (sm_86/sm_89)
     256: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),  # 229,376 B
-          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)],
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)],
 }
 _FWD_VARLEN_CANDIDATES_16BIT = {
     **_FWD_CANDIDATES_16BIT,
-    128: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+    128: _FWD_CANDIDATES_16BIT[128][1:],
 }
-# fp32 (exact, no tensor cores on the GPU): small blocks.
 _FWD_CANDIDATES_FP32 = {
     **{d: [dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)] for d in (16, 32, 64, 128)},
     256: [dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)],
@@ -82,15 +84,20 @@ _FWD_CANDIDATES_FP32 = {
 # queries and streams 64 keys. Eight warps: four spill and serialize wgmma (C7511-C7512).
 _BWD_16BIT = dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
                   dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
+# for GPUs with less shared memory per block than Hopper (~99 KB at D=128)
+_BWD_SMALL = dict(dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                  dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2))
 _BWD_CANDIDATES_16BIT = {
-    16: [_BWD_16BIT], 32: [_BWD_16BIT], 64: [_BWD_16BIT], 128: [_BWD_16BIT],
+    16: [_BWD_16BIT], 32: [_BWD_16BIT], 64: [_BWD_16BIT], 128: [_BWD_16BIT, _BWD_SMALL],
     256: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-               dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2))],
+               dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)),
+          dict(dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+               dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1))],
 }
 # The varlen dk/dv kernel spills 144 B at 64x128 (D=128): 32 queries per step there.
 _BWD_VARLEN_CANDIDATES_16BIT = {
     **_BWD_CANDIDATES_16BIT,
-    128: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3), dq=_BWD_16BIT["dq"])],
+    128: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3), dq=_BWD_16BIT["dq"]), _BWD_SMALL],
 }
 _BWD_CANDIDATES_FP32 = {
     d: [dict(dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if d >= 128 else 4, num_stages=1),
@@ -100,8 +107,9 @@ _BWD_CANDIDATES_FP32 = {
 
 
 def fwd_shared_bytes(cfg: dict, head_dim: int, elem: int) -> int:
-    """Shared memory of the forward kernel: the query block plus ``num_stages`` K and V blocks
-    (the pipeline's buffers; matches Triton's allocation on sm_90)."""
+    """Shared memory of the forward kernel: the resident query block plus ``num_stages`` K and V
+    blocks (the pipeline's buffers; equals Triton's allocation on sm_90). The shared rule's
+    ``dot_shared_bytes`` would stage the query block too."""
     return elem * head_dim * (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"])
 
 
@@ -117,42 +125,69 @@ def bwd_shared_bytes(cfg: dict, head_dim: int, elem: int) -> int:
     )
 
 
-def shared_limit(device: torch.device | None) -> int:
-    """Shared memory one block may opt into on ``device`` (sm_90's for the CPU interpreter)."""
-    if device is not None and device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return int(getattr(props, "shared_memory_per_block_optin", SM90_SHARED_LIMIT))
-    return SM90_SHARED_LIMIT
+def _registers(rows: int, fp32_columns: int, head_dim: int, elem: int, num_warps: int) -> int:
+    """The shared register rule (``kernels._configs.dot_registers``) for ``rows`` x
+    ``fp32_columns`` of fp32 state per program (accumulators and the live score block)."""
+    tile = TileShape(block_m=rows, block_n=fp32_columns, block_k=head_dim, a_bytes=elem, b_bytes=elem)
+    return dot_registers(tile, num_warps)
 
 
-def _first_fitting(candidates: list[dict], need, limit: int) -> dict:
-    """The first candidate whose shared memory fits ``limit`` (the resource rule), else the
-    smallest one (which Triton then reports if even that cannot launch)."""
+def _fwd_fits(cfg: dict, head_dim: int, elem: int, shared: int) -> bool:
+    # fp32 state: the output accumulator [BLOCK_M, D] and the scores [BLOCK_M, BLOCK_N]
+    regs = _registers(cfg["BLOCK_M"], head_dim + cfg["BLOCK_N"], head_dim, elem, cfg["num_warps"])
+    return fwd_shared_bytes(cfg, head_dim, elem) <= shared and regs <= MAX_REGISTERS_PER_THREAD
+
+
+def _bwd_fits(cfg: dict, head_dim: int, elem: int, shared: int) -> bool:
+    # dk/dv: dk and dv [BLOCK_N, D] and a transposed score block [BLOCK_N, BLOCK_M];
+    # dq: dq [BLOCK_M, D] and a score block [BLOCK_M, BLOCK_N]
+    dkdv, dq = cfg["dkdv"], cfg["dq"]
+    regs = max(_registers(dkdv["BLOCK_N"], 2 * head_dim + dkdv["BLOCK_M"], head_dim, elem, dkdv["num_warps"]),
+               _registers(dq["BLOCK_M"], head_dim + dq["BLOCK_N"], head_dim, elem, dq["num_warps"]))
+    return bwd_shared_bytes(cfg, head_dim, elem) <= shared and regs <= MAX_REGISTERS_PER_THREAD
+
+
+def shared_limit(t: torch.Tensor | None = None) -> int:
+    """Shared memory one block may opt into where ``t`` runs: the CUDA device's own limit, the
+    captured architecture's for meta tensors, sm_90's for the CPU interpreter."""
+    if t is not None and t.device.type == "cuda":
+        return int(torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin)
+    capability = device_capability(t) if t is not None else None
+    arch = 90 if capability is None else 10 * capability[0] + capability[1]
+    return ARCH_LIMITS.get(arch, ARCH_LIMITS[90])["smem_per_block"]
+
+
+def _first_fitting(candidates: list[dict], fits) -> dict:
+    """The first candidate the resource rule accepts, else the last (smallest) one, which
+    Triton then reports if even that cannot launch."""
     for cfg in candidates:
-        if need(cfg) <= limit:
+        if fits(cfg):
             return cfg
-    return min(candidates, key=need)
+    return candidates[-1]
 
 
-def flash_fwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT, varlen: bool = False) -> dict:
+def flash_fwd_config(head_dim: int, dtype: torch.dtype, shared: int = ARCH_LIMITS[90]["smem_per_block"],
+                     varlen: bool = False) -> dict:
     """Static block choice (no autotune: one config also keeps the CPU interpreter happy)."""
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:
         table = _FWD_CANDIDATES_FP32
     else:
         table = _FWD_VARLEN_CANDIDATES_16BIT if varlen else _FWD_CANDIDATES_16BIT
-    return dict(_first_fitting(table[head_dim], lambda c: fwd_shared_bytes(c, head_dim, elem), limit))
+    return dict(_first_fitting(table[head_dim], lambda c: _fwd_fits(c, head_dim, elem, shared)))
 
 
-def flash_bwd_config(head_dim: int, dtype: torch.dtype, limit: int = SM90_SHARED_LIMIT, varlen: bool = False) -> dict:
+def flash_bwd_config(head_dim: int, dtype: torch.dtype, shared: int = ARCH_LIMITS[90]["smem_per_block"],
+                     varlen: bool = False) -> dict:
     """``{"dkdv": cfg, "dq": cfg}`` for the two backward kernels."""
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:
         table = _BWD_CANDIDATES_FP32
     else:
         table = _BWD_VARLEN_CANDIDATES_16BIT if varlen else _BWD_CANDIDATES_16BIT
-    cfg = _first_fitting(table[head_dim], lambda c: bwd_shared_bytes(c, head_dim, elem), limit)
+    cfg = _first_fitting(table[head_dim], lambda c: _bwd_fits(c, head_dim, elem, shared))
     return {name: dict(c) for name, c in cfg.items()}
+
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
@@ -518,7 +553,7 @@ def flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, layout, batch, num_heads
     query count) sizes the grid: query rows past it are not computed."""
     head_dim = q.shape[-1]
     varlen = cu_q is not None
-    cfg = flash_fwd_config(head_dim, q.dtype, shared_limit(q.device), varlen)
+    cfg = flash_fwd_config(head_dim, q.dtype, shared_limit(q), varlen)
     grid = (cdiv(_grid_rows(max_q, rows_q), cfg["BLOCK_M"]), batch * num_heads)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, cu_q if varlen else lse, cu_k if varlen else lse,
@@ -535,7 +570,7 @@ def flash_backward(do, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, scale, layou
     """Launch the dk/dv and dq kernels (arguments as in ``flash_forward``)."""
     head_dim = q.shape[-1]
     varlen = cu_q is not None
-    cfg = flash_bwd_config(head_dim, q.dtype, shared_limit(q.device), varlen)
+    cfg = flash_bwd_config(head_dim, q.dtype, shared_limit(q), varlen)
     cus = (cu_q, cu_k) if varlen else (lse, lse)
     common = dict(VARLEN=varlen, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype))
     strides = (*strides3(q, layout), *strides3(k, layout), *strides3(v, layout), *strides3(do, layout),

@@ -136,3 +136,22 @@ def test_gpu_model_shapes(gen, dtype, D):
     _check_against_oracle(q, k, v)
     k2 = _randn(gen, (B, H, 333, D), dtype, "cuda")
     _check_against_oracle(q, k2, k2.flip(2), grads=False)
+
+
+def test_configs_follow_the_resource_rule():
+    """Every launcher config fits the shared memory of the GPU it runs on (the shared rule of
+    kernels._configs picks the first fitting candidate), and Hopper gets 128-key blocks with at
+    least two tiles in flight for the model's D=128 bf16 self-attention."""
+    from longcat.kernels._configs import ARCH_LIMITS
+    from longcat.kernels.attention import _common
+
+    for arch in (80, 89, 90):
+        limit = ARCH_LIMITS[arch]["smem_per_block"]
+        for D in _common.SUPPORTED_HEAD_DIMS:
+            for varlen in (False, True):
+                fwd = _common.flash_fwd_config(D, torch.bfloat16, limit, varlen)
+                bwd = _common.flash_bwd_config(D, torch.bfloat16, limit, varlen)
+                assert _common.fwd_shared_bytes(fwd, D, 2) <= limit, (arch, D, fwd)
+                assert _common.bwd_shared_bytes(bwd, D, 2) <= limit, (arch, D, bwd)
+    hopper = _common.flash_fwd_config(128, torch.bfloat16, ARCH_LIMITS[90]["smem_per_block"])
+    assert hopper["BLOCK_N"] == 128 and hopper["num_stages"] >= 3

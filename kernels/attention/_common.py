@@ -434,7 +434,8 @@ def _flash_bwd_dkdv_kernel(
 def _dq_block(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, cols, k_len, qk_scale_log2,
               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key block's contribution to a query block's dq (unscaled). Keys past the sample load
-    as k = v = 0, whose product with ds is 0: the tail needs masked loads only."""
+    as k = v = 0 and score 0, so the tail masks p: exp(0 - lse) overflows when every real score
+    is very negative, and inf * 0 would poison dq."""
     if MASKED:
         mask_n = cols < k_len
         k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
@@ -444,6 +445,8 @@ def _dq_block(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, cols, k_len, qk_scale_
         v = tl.load(v_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     p = tl.exp2(qk * qk_scale_log2 - lse_log2[:, None])
+    if MASKED:
+        p = tl.where(mask_n[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -67,6 +67,15 @@ def test_other_head_dims_and_scale(gen, D):
     _check_against_oracle(q, k, v, scale=0.3, grads=(D == 32))
 
 
+def test_very_negative_scores_with_a_key_tail(gen):
+    """All scores near -140 (lse too): a padded key of the tail block scores 0, and exp(0 - lse)
+    overflows unless the tail is masked, which would turn dq into NaN."""
+    q = 5 + 0.1 * _randn(gen, (1, 1, 9, 32), torch.float32)
+    k = -5 + 0.1 * _randn(gen, (1, 1, 45, 32), torch.float32)  # 45: full key blocks plus a tail
+    v = _randn(gen, (1, 1, 45, 32), torch.float32)
+    _check_against_oracle(q, k, v)
+
+
 def test_strided_views_of_packed_qkv(gen):
     """The model passes q, k, v as views of a [B, N, 3, heads, D] tensor: no copies needed."""
     B, N, H, D = 2, 77, 2, 64

@@ -101,6 +101,14 @@ def recognise(model: nn.Module) -> str:
     return "upstream"
 
 
+def _check_text_lengths(y_seqlen, rows: int) -> None:
+    """Upstream's per-sample text lengths (host ints) become the attention kernels' offsets:
+    non-negative and summing to the packed text's rows, checked where the offsets are made."""
+    lengths = [int(n) for n in y_seqlen]
+    if not lengths or min(lengths) < 0 or sum(lengths) != rows:
+        raise ValueError(f"y_seqlen must be non-negative text lengths summing to the {rows} packed text tokens, got {lengths}")
+
+
 def _upstream_block_forward(block, x, y, t, y_seqlen, latent_shape, num_cond_latents=None, return_kv=False, kv_cache=None, skip_crs_attn=False):
     """Upstream's block calling convention (text packed as [1, L_total, C] plus a list of
     per-sample lengths) mapped onto ``block_forward``."""
@@ -109,6 +117,7 @@ def _upstream_block_forward(block, x, y, t, y_seqlen, latent_shape, num_cond_lat
     # once (one host-to-device copy per call, not one per block) and keep them on that tensor.
     cached = getattr(y, "_longcat_cu_seqlens", None)
     if cached is None or cached[0] != tuple(y_seqlen):
+        _check_text_lengths(y_seqlen, text.shape[0])
         lengths = torch.as_tensor(list(y_seqlen), dtype=torch.int32, device=x.device)
         cached = (tuple(y_seqlen), torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)))
         y._longcat_cu_seqlens = cached

@@ -9,7 +9,8 @@ on another device) and option values, calls the public function and requires one
 - or it raises a TypeError/ValueError whose message names one of the arguments.
 In both cases the caller's tensors are unchanged. Any other exception fails the example.
 
-The default profile is small and derandomized (a few seconds per entry point under the
+On a CUDA machine the draws include the GPU, so the same properties check the compiled kernels
+(bfloat16 included). The default profile is small and derandomized (a few seconds per entry point under the
 interpreter); ``-m slow`` adds a profile with many more examples.
 """
 from __future__ import annotations
@@ -73,11 +74,12 @@ def draw_tensor(d, gen, shape, dtype, scale=1.0):
 
 
 def place(d, inputs):
-    """All on the CPU, all on meta, or (rarely) one tensor on meta and the rest on the CPU."""
-    where = d.draw(st.sampled_from(["cpu"] * 6 + ["meta", "one-elsewhere"]))
+    """All on the CPU (or, where there is one, the GPU), all on meta, or (rarely) one tensor on
+    meta and the rest on the CPU."""
+    where = d.draw(st.sampled_from(["cpu"] * 6 + ["meta", "one-elsewhere"] + ["cuda"] * 6 * torch.cuda.is_available()))
     names = [n for n, t in inputs.items() if isinstance(t, torch.Tensor)]
-    if where == "meta":
-        return {n: (t.to("meta") if isinstance(t, torch.Tensor) else t) for n, t in inputs.items()}, "meta"
+    if where in ("meta", "cuda"):
+        return {n: (t.to(where) if isinstance(t, torch.Tensor) else t) for n, t in inputs.items()}, where
     if where == "one-elsewhere" and len(names) > 1:
         moved = d.draw(st.sampled_from(names))
         return {n: (t.to("meta") if n == moved else t) for n, t in inputs.items()}, "mixed"
@@ -373,6 +375,12 @@ def _flat(out):
     return [t for item in out for t in _flat(item)]
 
 
+def _to_cpu(out):
+    if isinstance(out, torch.Tensor):
+        return out.cpu()
+    return type(out)(_to_cpu(item) for item in out)
+
+
 def _float64(t):
     return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype.itemsize >= 2 else t
 
@@ -419,7 +427,7 @@ def check_entry_point(name: str, d):
     gen = torch.Generator().manual_seed(d.draw(st.integers(0, 2**31 - 1)))
     case = ENTRY_POINTS[name](d, gen)
     inputs, where = place(d, case.inputs)
-    before = {n: t.clone() for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+    before = {n: t.clone() for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
     try:
         out = case.run(**inputs)
     except (TypeError, ValueError) as err:
@@ -439,6 +447,7 @@ def check_entry_point(name: str, d):
         got, want = _flat(out), _flat(lowp)
         assert [(t.device.type, t.shape, t.dtype) for t in got] == [("meta", t.shape, t.dtype) for t in want]
         return
+    out = _to_cpu(out)
     if case.quantized:
         _assert_quantized_close(out, lowp)
         return

@@ -194,7 +194,7 @@ def cmd_model(args) -> int:
         ("latent (T, H, W)", f"{latent} x batch {args.batch} -> {tokens:,} tokens per sample"),
         ("forward time (median)", f"{timing.median_ms:,.1f} ms over {timing.repeats} runs ({timing.clock})"),
         ("throughput", f"{args.batch * tokens / (timing.median_ms / 1e3):,.0f} tokens/s"),
-        ("peak memory", _fmt_bytes(mem.report.peak_bytes) + (" (torch allocator)" if device.type == "cuda" else " (process RSS)")),
+        ("peak memory", f"{_fmt_bytes(mem.report.peak_bytes)} ({mem.report.peak_label})"),
         ("output", f"finite={finite}, std={record['output_std']:.4f}"),
     ]
     print_table(rows, title="longcat-bench model")
@@ -216,7 +216,11 @@ def _model_defaults(args, device):
 def _model_summary(records, title):
     from .compare import _fmt
 
-    head = ("configuration", "step ms", "tokens/s", "peak memory", "NVML peak", "planned peak", "rel. err vs ref", "status")
+    from .memory import CPU_PEAK_LABEL
+
+    cpu_only = not any((r.get("memory") or {}).get("torch_peak_allocated_bytes") for r in records)
+    head = ("configuration", "step ms", "tokens/s", "process peak RSS*" if cpu_only else "peak memory", "NVML peak",
+            "planned peak", "rel. err vs ref", "status")
     rows = [head]
     for r in records:
         mem = r.get("memory") or {}
@@ -231,6 +235,8 @@ def _model_summary(records, title):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if cpu_only:
+        print(f"  * {CPU_PEAK_LABEL}")
 
 
 def cmd_model_compare(args, kind: str = "model", name: str = "model_forward") -> int:
@@ -319,6 +325,8 @@ def _print_kernel_table(records):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if cpu_only:
+        print(f"  * {CPU_PEAK_LABEL}")
 
 
 def _accuracy_figures(device, dtypes, size, full_quant: bool, peers=(), progress=None) -> list:
@@ -561,20 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(m, warmup=1, repeats=3):
         m.add_argument("--preset", choices=["tiny", "small", "longcat-video"], help="model size (default: small on CPU, longcat-video on GPU)")
         m.add_argument("--latent", type=positive_int, nargs=3, metavar=("T", "H", "W"), help="latent grid before patching (default CPU 4 16 16, GPU 24 60 104 = 480p)")
-        m.add_argument("--batch", type=positive_int, default=1)
-        m.add_argument("--text-len", type=positive_int, default=32)
+        m.add_argument("--batch", type=positive_int, default=1, help="samples per forward pass (default 1; 2 = classifier-free guidance)")
+        m.add_argument("--text-len", type=positive_int, default=32, help="prompt tokens per sample for cross-attention (default 32)")
         m.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on GPU")
         m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-        m.add_argument("--warmup", type=non_negative_int, default=warmup)
-        m.add_argument("--repeats", type=positive_int, default=repeats)
-        m.add_argument("--seed", type=int, default=0)
+        m.add_argument("--warmup", type=non_negative_int, default=warmup, help=f"untimed forward passes first (default {warmup})")
+        m.add_argument("--repeats", type=positive_int, default=repeats, help=f"timed forward passes; the median is reported (default {repeats})")
+        m.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
         m.add_argument("--json", help="also write the results JSON here")
 
     from .model_bench import MODEL_CONFIGS
 
     m = sub.add_parser("model", help="time one DiT forward pass with random weights (the default command)")
     model_options(m)
-    m.add_argument("--ops", choices=["reference", "sdpa"], default="sdpa")
+    m.add_argument("--ops", choices=["reference", "sdpa"], default="sdpa",
+                   help="op table: reference (exact eager math) or sdpa (PyTorch fused attention; default)")
     m.add_argument("--compare", action="store_true", help="run reference (SDPA_OPS) and the accelerated configurations in one run")
     m.add_argument("--configs", nargs="+", choices=list(MODEL_CONFIGS), help="with --compare: which configurations (default: all)")
     m.set_defaults(func=cmd_model)

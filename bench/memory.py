@@ -1,5 +1,6 @@
 """Peak memory of a region: PyTorch's allocator statistics and, on NVIDIA GPUs, NVML's view of
-the whole device (used memory, SM clock, power); on the CPU, the process's peak resident set."""
+the whole device (used memory, SM clock, power); on the CPU, the process's peak resident set
+(labelled as such wherever it is printed: it is not a per-region or per-model figure)."""
 from __future__ import annotations
 
 import resource
@@ -11,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["MemoryReport", "track_memory", "nvml_snapshot", "LiveTensorBytes"]
+__all__ = ["MemoryReport", "track_memory", "nvml_snapshot", "LiveTensorBytes", "CPU_PEAK_LABEL"]
 
 GiB = 1024**3
 
@@ -34,6 +35,19 @@ class MemoryReport:
     def peak_bytes(self) -> Optional[int]:
         """The number to report: torch's peak allocation on a GPU, peak RSS on the CPU."""
         return self.torch_peak_allocated_bytes if self.device.startswith("cuda") else self.cpu_peak_rss_bytes
+
+    @property
+    def peak_label(self) -> str:
+        """What ``peak_bytes`` measures, to print beside it. The CPU has no allocator statistics:
+        its figure is the process's peak resident set, which includes PyTorch's own footprint
+        and never decreases, so it is not what one model or configuration allocates."""
+        if self.device.startswith("cuda"):
+            return "torch allocator peak"
+        return CPU_PEAK_LABEL
+
+
+CPU_PEAK_LABEL = ("process peak RSS since start: includes PyTorch itself and never decreases, "
+                  "so it is not what the model allocates")
 
 
 def _nvml_handle(index: int):

@@ -22,6 +22,21 @@ from .presets import PRESETS, get_preset  # noqa: E402
 
 __version__ = "0.1.0"
 
+# Subpackages and modules reachable as attributes after a plain ``import longcat`` (imported on
+# first use: the benchmark harness and the peers pull in more than the model needs).
+_LAZY_SUBMODULES = frozenset({
+    "bench", "checkpoint", "context_parallel", "cuda_graphs", "kernels", "memory_plan", "model",
+    "offload", "ops", "pipeline_memory", "presets", "quant",
+})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "LongCatVideoTransformer3DModel",
     "accelerate",

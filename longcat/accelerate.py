@@ -14,7 +14,7 @@ The patch is recorded on the model: calling ``accelerate`` again first undoes th
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Union
 
 import torch
@@ -443,6 +443,10 @@ def _dequantize_linears(model: nn.Module) -> None:
 
 
 def acceleration_report(model: nn.Module) -> Optional[AccelerationReport]:
-    """What ``accelerate`` replaced in ``model`` (None if it is not accelerated)."""
+    """What ``accelerate`` replaced in ``model`` (None if it is not accelerated). The BSA block
+    count is read from the blocks at call time: upstream's demo calls ``enable_bsa()`` after
+    loading, and ``enable_bsa()``/``disable_bsa()`` keep working after ``accelerate``."""
     state = getattr(model, _STATE_ATTR, None)
-    return None if state is None else state["report"]
+    if state is None:
+        return None
+    return replace(state["report"], bsa_blocks=sum(bool(b.attn.enable_bsa) for b in model.blocks))

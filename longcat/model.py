@@ -440,13 +440,23 @@ def chunked_block_forward(
     for f0, f1 in _frame_chunks(0, T, size):
         rows = slice(f0 * L, f1 * L)
         x_m = ops.layer_norm_modulate(x[:, rows], shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
-        kv = linear_rows(attn.qkv, x_m, C, 3 * C).view(B, -1, 2, heads, D).permute(2, 0, 3, 1, 4)
+        kv = linear_rows(attn.qkv, x_m, C, 3 * C)  # [B, n, 2C]: k then v
         del x_m
-        k = ops.rms_norm(kv[0], attn.k_norm.weight, attn.k_norm.eps)
-        if return_kv:
-            k_pre[:, :, rows] = k
-        K[:, :, n_cache + rows.start:n_cache + rows.stop] = ops.rope_3d(k, (f1 - f0, H, W), offset + f0)
-        V[:, :, n_cache + rows.start:n_cache + rows.stop] = kv[1]
+        if ops.qkv_norm_rope is not None:
+            # one pass: norm + RoPE of k (and the pre-RoPE k), v a view of kv
+            k_v = ops.qkv_norm_rope(kv, None, attn.k_norm.weight, heads, (f1 - f0, H, W), offset + f0, attn.k_norm.eps,
+                                    return_kv, parts="kv")
+            k_rot, v = k_v[0], k_v[1]
+            if return_kv:
+                k_pre[:, :, rows] = k_v[2]
+        else:
+            k, v = kv.view(B, -1, 2, heads, D).permute(2, 0, 3, 1, 4)
+            k = ops.rms_norm(k, attn.k_norm.weight, attn.k_norm.eps)
+            if return_kv:
+                k_pre[:, :, rows] = k
+            k_rot = ops.rope_3d(k, (f1 - f0, H, W), offset + f0)
+        K[:, :, n_cache + rows.start:n_cache + rows.stop] = k_rot
+        V[:, :, n_cache + rows.start:n_cache + rows.stop] = v
 
     # Query segments with the keys they see: condition frames attend to condition keys only.
     if kv_cache is None and num_cond_latents:
@@ -462,9 +472,14 @@ def chunked_block_forward(
             rows = slice(f0 * L, f1 * L)
             xs = x[:, rows]
             x_m = ops.layer_norm_modulate(xs, shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
-            q = linear_rows(attn.qkv, x_m, 0, C).view(B, -1, heads, D).transpose(1, 2)
+            q = linear_rows(attn.qkv, x_m, 0, C)
             del x_m  # chunk temporaries are released as soon as they are used: the peak is a few of them
-            q = ops.rope_3d(ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), (f1 - f0, H, W), offset + f0)
+            if ops.qkv_norm_rope is not None:
+                (q,) = ops.qkv_norm_rope(q, attn.q_norm.weight, None, heads, (f1 - f0, H, W), offset + f0, attn.q_norm.eps,
+                                         False, parts="q")
+            else:
+                q = q.view(B, -1, heads, D).transpose(1, 2)
+                q = ops.rope_3d(ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), (f1 - f0, H, W), offset + f0)
             attn_out = _attend(attn, ops, q, k_seg, v_seg, grid, T)
             del q
             attn_out = _merge_heads(attn, ops, attn_out, grid)

@@ -36,8 +36,9 @@ class DiTOps:
     varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on packed
     [total, heads, D] (the max lengths are upper bounds known without reading the offsets).
     Optional fused paths (None: the model composes the single ops above):
-    qkv_norm_rope(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope)
-    -> (q, k, v[, k_pre_rope]) each [B, heads, N, D];
+    qkv_norm_rope(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope, parts="qkv")
+    -> (q, k, v[, k_pre_rope]) each [B, heads, N, D] (v may be a view of qkv); parts "q" ([B, N, C]
+    input) -> (q,), parts "kv" ([B, N, 2C] input) -> (k, v[, k_pre_rope]);
     gated_residual_layer_norm(x, y, gate, shift, scale, weight, bias, eps) -> (x + gate * y,
     LayerNorm(-modulate) of it) in one pass (gate None: a plain add).
     """
@@ -161,10 +162,10 @@ def kernel_ops(
         from longcat.kernels.rope import rms_norm, rope_3d
         from longcat.kernels.swiglu import swiglu
 
-        def fused_qkv(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope):
+        def fused_qkv(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope, parts="qkv"):
             return qkv_norm_rope(
                 qkv, q_weight, k_weight, num_heads, grid, frame_offset=frame_offset, eps=eps,
-                return_k_pre_rope=return_k_pre_rope,
+                return_k_pre_rope=return_k_pre_rope, parts=parts,
             )
 
         def fused_residual_norm(x, y, gate, shift, scale, weight, bias, eps):

@@ -41,6 +41,10 @@ class DiTOps:
     input) -> (q,), parts "kv" ([B, N, 2C] input) -> (k, v[, k_pre_rope]);
     gated_residual_layer_norm(x, y, gate, shift, scale, weight, bias, eps) -> (x + gate * y,
     LayerNorm(-modulate) of it) in one pass (gate None: a plain add).
+    Optional 8-bit outputs for W8A8 layers (None: those layers quantize their float input):
+    layer_norm_modulate_quant(x, shift, scale, weight, bias, eps, qdtype) -> (q, per-token scale);
+    gated_residual_layer_norm_quant(x, y, gate, shift, scale, weight, bias, eps, qdtype) ->
+    (x + gate * y, q, per-token scale).
     """
 
     name: str
@@ -54,6 +58,8 @@ class DiTOps:
     varlen_attention: Callable
     qkv_norm_rope: Optional[Callable] = None
     gated_residual_layer_norm: Optional[Callable] = None
+    layer_norm_modulate_quant: Optional[Callable] = None
+    gated_residual_layer_norm_quant: Optional[Callable] = None
     # Run the FFN (modulate, w1/w3, SwiGLU, w2, residual) this many latent frames at a time, so
     # the [N, ffn_hidden] intermediates never exist for the whole sequence (inference only).
     ffn_chunk_frames: Optional[int] = None
@@ -125,7 +131,8 @@ def kernel_ops(
       "auto"      "bsa".
     Text cross-attention uses the Triton varlen kernel with "bsa"/"dense", SDPA per sample with
     "sdpa". fused: Triton kernels for LayerNorm-modulate, gated residual (+ the following norm),
-    RMSNorm + RoPE and SwiGLU; otherwise the reference element-wise ops.
+    RMSNorm + RoPE and SwiGLU, and the norms' 8-bit outputs for W8A8 layers; otherwise the
+    reference element-wise ops.
     """
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
@@ -156,9 +163,9 @@ def kernel_ops(
 
         changes.update(dense_attention=dense, varlen_attention=varlen, block_sparse_attention=block_sparse)
     if fused:
-        from longcat.kernels.modulate import layer_norm_modulate
+        from longcat.kernels.modulate import layer_norm_modulate, layer_norm_modulate_quant
         from longcat.kernels.qkv_prep import qkv_norm_rope
-        from longcat.kernels.residual import gated_residual, gated_residual_layer_norm
+        from longcat.kernels.residual import gated_residual, gated_residual_layer_norm, gated_residual_layer_norm_quant
         from longcat.kernels.rope import rms_norm, rope_3d
         from longcat.kernels.swiglu import swiglu
 
@@ -181,6 +188,12 @@ def kernel_ops(
             swiglu=swiglu,
             qkv_norm_rope=fused_qkv,
             gated_residual_layer_norm=fused_residual_norm,
+            layer_norm_modulate_quant=lambda x, shift, scale, weight, bias, eps, qdtype: layer_norm_modulate_quant(
+                x, shift, scale, weight=weight, bias=bias, eps=eps, qdtype=qdtype
+            ),
+            gated_residual_layer_norm_quant=lambda x, y, gate, shift, scale, weight, bias, eps, qdtype: gated_residual_layer_norm_quant(
+                x, y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias, eps=eps, qdtype=qdtype
+            ),
         )
     name = f"{attention}+{'fused' if fused else 'unfused'}"
     return base.replace(name=name, ffn_chunk_frames=ffn_chunk_frames, attention_chunk_frames=attention_chunk_frames, **changes)

@@ -119,6 +119,19 @@ def _qmax(qdtype) -> float:
 
 
 @triton.jit
+def _load_row_tile(X, RES, b, N, C, rows, end, cols, cmask, HAS_RES: tl.constexpr):
+    """Rows ``rows`` (< end) of X and, with HAS_RES, of RES, in their storage dtypes."""
+    mask = (rows < end)[:, None] & cmask[None, :]
+    offs = (b * N + rows.to(tl.int64))[:, None] * C + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(RES + offs, mask=mask, other=0.0)
+    else:
+        r = x
+    return x, r
+
+
+@triton.jit
 def _fused_norm_fwd_kernel(
     X, RES, GATE, H_OUT, SHIFT, SCALE, W, BIAS, Y, QS,
     N, L, C, T, CHUNK, eps,
@@ -144,14 +157,19 @@ def _fused_norm_fwd_kernel(
         bb = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
     first = f * L + pid_c * CHUNK  # token index inside batch b
     end = tl.minimum(f * L + L, first + CHUNK)
+    # Software pipeline: the next rows' loads are issued before this rows' reductions, so every
+    # program keeps two row tiles in flight (a row-per-iteration loop with no prefetch leaves HBM
+    # idle while it reduces).
+    x_next, r_next = _load_row_tile(X, RES, b, N, C, first + tl.arange(0, ROWS), end, cols, cmask, HAS_RES)
     for r0 in range(0, CHUNK, ROWS):
         rows = first + r0 + tl.arange(0, ROWS)
         rmask = rows < end
         mask = rmask[:, None] & cmask[None, :]
         offs = (b * N + rows.to(tl.int64))[:, None] * C + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x_next.to(tl.float32)
+        r = r_next.to(tl.float32)
+        x_next, r_next = _load_row_tile(X, RES, b, N, C, rows + ROWS, end, cols, cmask, HAS_RES)
         if HAS_RES:
-            r = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_GATE:
                 x = x + g[None, :] * r
             else:

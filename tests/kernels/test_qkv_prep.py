@@ -153,3 +153,18 @@ def test_bf16_real_head_dim(gen):
     oracle = qkv_norm_rope_reference(qkv.double(), wq.double(), wk.double(), 32, grid, 2, return_k_pre_rope=True)
     for out, lp, orc in zip(outs, lowp, oracle):
         assert_by_rule(out, lp, orc, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts", ["q", "kv"])
+def test_bf16_real_head_dim_parts(gen, parts):
+    grid = (2, 6, 10)
+    qkv, wq, wk = _inputs(gen, B=1, heads=32, D=128, grid=grid, dtype=torch.bfloat16, device="cuda")
+    C = 32 * 128
+    src = (qkv[..., :C] if parts == "q" else qkv[..., C:]).contiguous()
+    outs = qkv_norm_rope(src, wq, wk, 32, grid, frame_offset=3, return_k_pre_rope=True, parts=parts)
+    lowp = qkv_norm_rope_reference(src, wq, wk, 32, grid, 3, return_k_pre_rope=True, parts=parts)
+    oracle = qkv_norm_rope_reference(src.double(), wq.double(), wk.double(), 32, grid, 3, return_k_pre_rope=True, parts=parts)
+    assert len(outs) == (1 if parts == "q" else 3)
+    for out, lp, orc in zip(outs, lowp, oracle):
+        assert_by_rule(out, lp, orc, atol=1e-2)

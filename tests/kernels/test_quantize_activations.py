@@ -107,3 +107,26 @@ def test_quantized_activations_rows(gen):
     q, s = quantize_per_token(x, torch.int8)
     qa = QuantizedActivations(q, s, torch.float16).rows(2, 5)
     assert torch.equal(qa.q, q[:, 2:5]) and torch.equal(qa.scale, s[:, 2:5]) and qa.dtype == torch.float16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+def test_one_rule_on_the_gpu_bf16_real_width(gen, qdtype):
+    """bf16 activations at C = 4096 (and the w2 input width 11008 for quantize_per_token): the fused
+    kernels' codes are quantize_per_token of their own float32 output, bit for bit, on the GPU."""
+    B, T, L, C = 1, 3, 333, 4096
+    dev = "cuda"
+    x = (torch.randn(B, T * L, C, generator=gen) * 2).to(dev, torch.bfloat16)
+    y = torch.randn(B, T * L, C, generator=gen).to(dev, torch.bfloat16)
+    gate, shift, scale = (0.3 * torch.randn(B, T, C, generator=gen)).to(dev), torch.randn(B, T, C, generator=gen).to(dev), (0.3 * torch.randn(B, T, C, generator=gen)).to(dev)
+    q, s = layer_norm_modulate_quant(x, shift, scale, qdtype=qdtype)
+    q2, s2 = quantize_per_token(layer_norm_modulate(x, shift, scale, out_dtype=torch.float32), qdtype)
+    assert torch.equal(s, s2) and torch.equal(_bits(q), _bits(q2))
+    h, q, s = gated_residual_layer_norm_quant(x, y, gate, shift, scale, qdtype=qdtype)
+    q2, s2 = quantize_per_token(layer_norm_modulate(h, shift, scale, out_dtype=torch.float32), qdtype)
+    assert torch.equal(s, s2) and torch.equal(_bits(q), _bits(q2))
+    for K in (4096, 11008):
+        a = (torch.randn(777, K, generator=gen) * 3).to(dev, torch.bfloat16)
+        q, s = quantize_per_token(a, qdtype)
+        q_ref, s_ref = quantize_per_token_reference(a, qdtype)
+        assert torch.equal(s, s_ref) and torch.equal(_bits(q), _bits(q_ref))

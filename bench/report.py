@@ -198,6 +198,8 @@ def render_markdown(docs: List[Tuple[str, dict]], plots: Optional[List[str]] = N
                       f"commit `{(doc.get('commit_info') or {}).get('id')}`; {doc.get('datetime')}", "",
                       _pytest_benchmark_table(doc)]
             continue
+        if str(doc.get("schema", "")).startswith("longcat-static-changes"):
+            continue  # static compile evidence, not a results file
         kind = doc.get("kind", "")
         lines += [f"## {kind}: `{rel}`", "", f"Command: `{doc.get('command')}`", "", f"Machine: {_machine_line(doc)}", ""]
         if doc.get("notice"):

@@ -284,6 +284,43 @@ def _elementwise_cases(device, dtype, sizes, use_compile) -> List[Case]:
         case.impls += [ref, _compiled_impl("torch.compile(reference)", ref.fn, use_compile)]
         cases.append(case)
 
+        def make_res_mod(seed, B=B, N=N, T=T, C=C):
+            g = _gen(device, seed)
+            return (_randn((B, N, C), dtype, device, g), _randn((B, N, C), dtype, device, g),
+                    *(_randn((B, T, C), torch.float32, device, g, 0.1) for _ in range(3)))
+
+        # "fused_norm.*": the fused norms the block calls (GB/s in ``longcat-bench kernels``; the
+        # accuracy sweep of ``check`` covers their kernel through layer_norm_modulate / gated_residual)
+        # the FFN input: residual + LayerNorm-modulate in one pass (reads x, y; writes x, normed)
+        case = Case("fused_norm.gated_residual_layer_norm", label, dict(common, hidden=C), make_res_mod, nbytes=4.0 * B * N * C * el,
+                    fixed_dtype_args=(2, 3, 4))
+        case.impls.append(_impl("longcat", "subject", f"{K}.residual", "gated_residual_layer_norm"))
+        ref = _impl("reference", "reference", f"{K}.residual", "gated_residual_layer_norm_reference")
+        case.impls += [ref, _compiled_impl("torch.compile(reference)", ref.fn, use_compile)]
+        for impl in case.impls:
+            impl.output = lambda o: torch.stack([t.float() for t in o])
+        cases.append(case)
+
+        # the W8A8 GEMM inputs: LayerNorm-modulate (qkv) and residual + LayerNorm-modulate (w1|w3)
+        # emitting 8-bit codes and per-token scales (compared dequantised)
+        for qname, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+            codes = B * N * C + 4.0 * B * N
+            call = (lambda f, qd=qdtype: (lambda *a: f(*a, qdtype=qd)))
+            case = Case(f"fused_norm.layer_norm_modulate_quant[{qname}]", label, dict(common, hidden=C), make_mod,
+                        nbytes=B * N * C * el + codes, fixed_dtype_args=(1, 2))
+            case.impls.append(_impl("longcat", "subject", f"{K}.modulate", "layer_norm_modulate_quant", call=call))
+            case.impls.append(_impl("reference", "reference", f"{K}.modulate", "layer_norm_modulate_quant_reference", call=call))
+            for impl in case.impls:
+                impl.output = lambda o: o[0].float() * o[1].unsqueeze(-1)
+            cases.append(case)
+            case = Case(f"fused_norm.gated_residual_layer_norm_quant[{qname}]", label, dict(common, hidden=C), make_res_mod,
+                        nbytes=3.0 * B * N * C * el + codes, fixed_dtype_args=(2, 3, 4))
+            case.impls.append(_impl("longcat", "subject", f"{K}.residual", "gated_residual_layer_norm_quant", call=call))
+            case.impls.append(_impl("reference", "reference", f"{K}.residual", "gated_residual_layer_norm_quant_reference", call=call))
+            for impl in case.impls:
+                impl.output = lambda o: torch.cat([o[0].float(), o[1].float() * o[2].unsqueeze(-1)])
+            cases.append(case)
+
         def make_rms(seed, B=B, N=N, Hd=Hd, D=D):
             g = _gen(device, seed)
             return _randn((B, N, Hd, D), dtype, device, g), 1 + _randn((D,), dtype, device, g, 0.1)
@@ -311,8 +348,9 @@ def _elementwise_cases(device, dtype, sizes, use_compile) -> List[Case]:
             return (_randn((B, N, 3 * Hd * D), dtype, device, g), 1 + _randn((D,), dtype, device, g, 0.1),
                     1 + _randn((D,), dtype, device, g, 0.1))
 
+        # reads the q and k columns, writes q and k (v stays a view of qkv)
         case = Case("qkv_norm_rope", label, dict(common, heads=Hd, head_dim=D, grid=list(grid)), make_qkv,
-                    nbytes=2.0 * B * N * 3 * Hd * D * el)
+                    nbytes=4.0 * B * N * Hd * D * el)
         call = (lambda f, Hd=Hd, grid=grid: (lambda qkv, wq, wk: f(qkv, wq, wk, Hd, grid)))
         case.impls.append(_impl("longcat", "subject", f"{K}.qkv_prep", "qkv_norm_rope", call=call))
         ref = _impl("reference", "reference", f"{K}.qkv_prep", "qkv_norm_rope_reference", call=call)

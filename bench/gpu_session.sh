@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limi
 python3 -c "import torch, triton, longcat; print('torch', torch.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0))"
 
 step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml"
-step 170 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"
+step 200 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"  # prints the BSA targets (bench/targets.py)
 step 40  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"
 step 100 python3 -m longcat.bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json "$OUT/model-h200.json"
 step 120 python3 -m longcat.bench memory --latent 48 88 160 --configs fp8 fp8-chunked int8-offload int8-chunked-offload --json "$OUT/memory-h200.json"

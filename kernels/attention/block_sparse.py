@@ -455,8 +455,11 @@ def _bsa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # the next block's tile index is read one step ahead, so the K/V addresses of a step are known
+    # at its start (a loop-carried value) and the pipeliner can issue them stages in advance
+    k_tile = tl.load(index_row)
     for j in range(0, n_blocks):
-        k_tile = tl.load(index_row + j // K_SPLIT)
+        next_tile = tl.load(index_row + (j + 1) // K_SPLIT, mask=j + 1 < n_blocks, other=0)
         start = (j % K_SPLIT) * BLOCK_N
         block = kv_head + (k_tile.to(tl.int64) * TILE_PAD + start) * HEAD_DIM
         kt = tl.load(KP + block + kt_offs)
@@ -471,6 +474,7 @@ def _bsa_fwd_kernel(
         v = tl.load(VP + block + v_offs)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        k_tile = next_tile
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453

@@ -229,7 +229,7 @@ from ._common import (  # noqa: E402
 )
 from .dense import _bhsd_buffer_like  # noqa: E402
 
-__all__ += ["block_sparse_attention", "block_sparse_selection"]
+__all__ += ["block_sparse_attention", "block_sparse_selection", "block_sparse_keys"]
 
 
 @triton.jit
@@ -486,19 +486,19 @@ def _bsa_fwd_kernel(
 
 @triton.jit
 def _bsa_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Indices, Counts,
+    Q, KP, VP, DO, Lse, Delta, DQ, Indices, Counts, TileLen,
     sm_scale, qk_scale_log2,
     stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
-    num_heads, Tq, Hq, Wq, Tk, Hk, Wk, n_q_tiles, n_k_tiles, max_keep,
+    num_heads, Tq, Hq, Wq, n_q_tiles, n_k_tiles, max_keep,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    Q_SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
+    Q_SPLIT: tl.constexpr, K_SPLIT: tl.constexpr, TILE_PAD: tl.constexpr, EVEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """dq of one block of query slots: the forward's loop (packed K/V, ascending kept tiles, the
+    next index read a step ahead) with p from the saved lse."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     q_tile = pid // Q_SPLIT
@@ -506,6 +506,7 @@ def _bsa_bwd_dq_kernel(
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
     rows_q, valid_q = _tile_rows(q_tile, q_sub, Tq, Hq, Wq, TILE_T, TILE_H, TILE_W, BLOCK_M)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows_q[:, None] * stride_qs + offs_d[None, :],
                 mask=valid_q[:, None], other=0.0)
@@ -514,24 +515,28 @@ def _bsa_bwd_dq_kernel(
     l_off = bh.to(tl.int64) * (Tq * Hq * Wq) + rows_q
     lse = tl.load(Lse + l_off, mask=valid_q, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + l_off, mask=valid_q, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    kv_head = bh.to(tl.int64) * n_k_tiles * TILE_PAD * HEAD_DIM
+    kt_offs = offs_n[None, :] * HEAD_DIM + offs_d[:, None]  # [D, BLOCK_N]
     sel = bh.to(tl.int64) * n_q_tiles + q_tile
-    count = tl.load(Counts + sel)
-    index_base = Indices + sel * max_keep
+    n_blocks = tl.load(Counts + sel) * K_SPLIT
+    index_row = Indices + sel * max_keep
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for i in range(0, count):
-        k_tile = tl.load(index_base + i)
-        for k_sub in tl.static_range(K_SPLIT):
-            rows_k, valid_k = _tile_rows(k_tile, k_sub, Tk, Hk, Wk, TILE_T, TILE_H, TILE_W, BLOCK_N)
-            kt = tl.load(k_base + rows_k[None, :] * stride_ks + offs_d[:, None], mask=valid_k[None, :], other=0.0)
-            vt = tl.load(v_base + rows_k[None, :] * stride_vs + offs_d[:, None], mask=valid_k[None, :], other=0.0)
-            qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-            p = tl.where(valid_k[None, :], tl.exp2(qk - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    k_tile = tl.load(index_row)
+    for j in range(0, n_blocks):
+        next_tile = tl.load(index_row + (j + 1) // K_SPLIT, mask=j + 1 < n_blocks, other=0)
+        start = (j % K_SPLIT) * BLOCK_N
+        block = kv_head + (k_tile.to(tl.int64) * TILE_PAD + start) * HEAD_DIM
+        kt = tl.load(KP + block + kt_offs)
+        vt = tl.load(VP + block + kt_offs)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.exp2(qk - lse[:, None])
+        if not EVEN:
+            p = tl.where((start + offs_n < tl.load(TileLen + k_tile))[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        k_tile = next_tile
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_q[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=valid_q[:, None])
@@ -579,20 +584,21 @@ def _bsa_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for i in range(0, count):
-        q_tile = tl.load(index_base + i)
-        for q_sub in tl.static_range(Q_SPLIT):
-            rows_q, valid_q = _tile_rows(q_tile, q_sub, Tq, Hq, Wq, TILE_T, TILE_H, TILE_W, BLOCK_M)
-            qt = tl.load(q_base + rows_q[None, :] * stride_qs + offs_d[:, None], mask=valid_q[None, :], other=0.0)
-            do = tl.load(do_base + rows_q[:, None] * stride_dos + offs_d[None, :], mask=valid_q[:, None], other=0.0)
-            lse = tl.load(Lse + l_base + rows_q, mask=valid_q, other=0.0) * 1.4426950408889634
-            delta = tl.load(Delta + l_base + rows_q, mask=valid_q, other=0.0)
-            qkt = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2
-            pt = tl.where(valid_q[None, :], tl.exp2(qkt - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    # one flat loop over (query tile, sub-block): a body per step, not Q_SPLIT unrolled copies
+    # (unrolled, the 128-token tiles spilled and serialized their wgmma on sm_90)
+    for j in range(0, count * Q_SPLIT):
+        q_tile = tl.load(index_base + j // Q_SPLIT)
+        rows_q, valid_q = _tile_rows(q_tile, j % Q_SPLIT, Tq, Hq, Wq, TILE_T, TILE_H, TILE_W, BLOCK_M)
+        qt = tl.load(q_base + rows_q[None, :] * stride_qs + offs_d[:, None], mask=valid_q[None, :], other=0.0)
+        do = tl.load(do_base + rows_q[:, None] * stride_dos + offs_d[None, :], mask=valid_q[:, None], other=0.0)
+        lse = tl.load(Lse + l_base + rows_q, mask=valid_q, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + l_base + rows_q, mask=valid_q, other=0.0)
+        qkt = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2
+        pt = tl.where(valid_q[None, :], tl.exp2(qkt - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + rows_k[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=valid_k[:, None])
@@ -654,24 +660,29 @@ class PackedKV:
     alternative, a tile-major token order for the whole block stack, would leak into RoPE, the
     norms and every caller; this keeps the (T, H, W) layout everywhere else."""
 
-    def __init__(self, k, v, grid_k, tile):
-        B, H, S, D = k.shape
+    def __init__(self, k, v, means, tile_len, grid_k, tile):
+        self.k, self.v, self.means, self.tile_len = k, v, means, tile_len
         self.grid, self.tile = tuple(grid_k), tuple(tile)
-        self.n_tiles = math.prod(tile_grid(grid_k, tile))
+        self.n_tiles, self.tile_pad = k.shape[1], k.shape[2]
+        self.even = all(a % t == 0 for a, t in zip(self.grid, self.tile)) and math.prod(self.tile) == self.tile_pad
+
+    @classmethod
+    def pack(cls, k, v, grid_k, tile) -> "PackedKV":
+        B, H, S, D = k.shape
+        n_tiles = math.prod(tile_grid(grid_k, tile))
         slots = max(16, next_pow2(math.prod(tile)))
-        self.tile_pad = slots
-        self.k = torch.empty((B * H, self.n_tiles, slots, D), dtype=k.dtype, device=k.device)
-        self.v = torch.empty((B * H, self.n_tiles, slots, D), dtype=v.dtype, device=v.device)
-        self.means = torch.empty((B * H, self.n_tiles, D), dtype=torch.float32, device=k.device)
+        kp = torch.empty((B * H, n_tiles, slots, D), dtype=k.dtype, device=k.device)
+        vp = torch.empty((B * H, n_tiles, slots, D), dtype=v.dtype, device=v.device)
+        means = torch.empty((B * H, n_tiles, D), dtype=torch.float32, device=k.device)
         block = min(slots, 64)
-        _bsa_pack_kv_kernel[(self.n_tiles, B * H)](
-            k, v, self.k, self.v, self.means, *_bhs_strides(k), *_bhs_strides(v), H, *grid_k, self.n_tiles,
+        _bsa_pack_kv_kernel[(n_tiles, B * H)](
+            k, v, kp, vp, means, *_bhs_strides(k), *_bhs_strides(v), H, *grid_k, n_tiles,
             TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], TILE_PAD=slots, BLOCK=block, SPLIT=slots // block,
             HEAD_DIM=D, num_warps=4,
         )
         # tokens per tile (partial edge tiles hold fewer); the same for every head
-        self.tile_len = torch.bincount(token_tile_ids(grid_k, tile, k.device), minlength=self.n_tiles).to(torch.int32)
-        self.even = all(a % t == 0 for a, t in zip(grid_k, tile)) and math.prod(tile) == slots
+        tile_len = torch.bincount(token_tile_ids(grid_k, tile, k.device), minlength=n_tiles).to(torch.int32)
+        return cls(kp, vp, means, tile_len, grid_k, tile)
 
 
 def _select_launch(q, k_means, grid_q, n_k, sparsity, cdf_threshold, tile):
@@ -750,7 +761,7 @@ def _bsa_attend(q, packed: PackedKV, indices, counts, grid_q, scale):
 
 def _bsa_forward_launch(q, k, v, indices, counts, latent_shape_q, latent_shape_k, tile, scale):
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
-    packed = PackedKV(k, v, tuple(latent_shape_k), tuple(tile))
+    packed = PackedKV.pack(k, v, tuple(latent_shape_k), tuple(tile))
     return _bsa_attend(q, packed, indices, counts, tuple(latent_shape_q), scale)
 
 
@@ -784,9 +795,11 @@ def _bsa_backward_launch(grad_out, grad_lse, q, k, v, out, lse, indices, counts,
     )
     shape_args = (H, *grid_q, *grid_k, n_q, n_k)
     strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(grad_out))
+    packed = PackedKV.pack(k, v, grid_k, tile)
     _bsa_bwd_dq_kernel[(n_q * split, B * H)](
-        q, k, v, grad_out, lse, delta, dq, indices, counts, scale, scale * LOG2E,
-        *strides, *_bhs_strides(dq), *shape_args, indices.shape[-1], **common,
+        q, packed.k, packed.v, grad_out, lse, delta, dq, indices, counts, packed.tile_len, scale, scale * LOG2E,
+        *_bhs_strides(q), *_bhs_strides(grad_out), *_bhs_strides(dq), H, *grid_q, n_q, n_k, indices.shape[-1],
+        TILE_PAD=packed.tile_pad, EVEN=packed.even, **{**common, "num_stages": 3},  # 3 K/V blocks in flight
     )
     _bsa_bwd_dkdv_kernel[(B * H * n_k * split,)](
         q, k, v, grad_out, lse, delta, dk, dv, rev_indices, rev_counts, order, scale, scale * LOG2E,
@@ -821,7 +834,7 @@ def _bsa_op(
     gives the key means the gating needs. Returns (out, lse, indices, counts)."""
     grid_q, grid_k, tile = tuple(latent_shape_q), tuple(latent_shape_k), tuple(tile)
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
-    packed = PackedKV(k, v, grid_k, tile)
+    packed = PackedKV.pack(k, v, grid_k, tile)
     indices, counts = _select_launch(last_dim_contiguous(q), packed.means, grid_q, packed.n_tiles,
                                      sparsity, cdf_threshold, tile)
     out, lse = _bsa_attend(q, packed, indices, counts, grid_q, scale)
@@ -834,6 +847,31 @@ def _(q, k, v, latent_shape_q, latent_shape_k, sparsity, cdf_threshold, tile, sc
     n_q = math.prod(tile_grid(latent_shape_q, tile))
     n_k = math.prod(tile_grid(latent_shape_k, tile))
     width = selection_width(sparsity, cdf_threshold, n_k)
+    return (_bhsd_buffer_like(q), q.new_empty((B, H, Sq), dtype=torch.float32),
+            q.new_empty((B, H, n_q, width), dtype=torch.int32), q.new_empty((B, H, n_q), dtype=torch.int32))
+
+
+@torch.library.custom_op("longcat::block_sparse_attention_packed", mutates_args=())
+def _bsa_packed_op(
+    q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, k_means: torch.Tensor, tile_len: torch.Tensor,
+    latent_shape_q: list[int], latent_shape_k: list[int], sparsity: float | None, cdf_threshold: float | None,
+    tile: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_bsa_op`` against keys packed once (``block_sparse_keys``) for several query calls
+    (inference: no backward)."""
+    grid_q, tile = tuple(latent_shape_q), tuple(tile)
+    packed = PackedKV(kp, vp, k_means, tile_len, tuple(latent_shape_k), tile)
+    indices, counts = _select_launch(last_dim_contiguous(q), packed.means, grid_q, packed.n_tiles,
+                                     sparsity, cdf_threshold, tile)
+    out, lse = _bsa_attend(q, packed, indices, counts, grid_q, scale)
+    return out, lse, indices, counts
+
+
+@_bsa_packed_op.register_fake
+def _(q, kp, vp, k_means, tile_len, latent_shape_q, latent_shape_k, sparsity, cdf_threshold, tile, scale):
+    B, H, Sq, _ = q.shape
+    n_q = math.prod(tile_grid(latent_shape_q, tile))
+    width = selection_width(sparsity, cdf_threshold, kp.shape[1])
     return (_bhsd_buffer_like(q), q.new_empty((B, H, Sq), dtype=torch.float32),
             q.new_empty((B, H, n_q, width), dtype=torch.int32), q.new_empty((B, H, n_q), dtype=torch.int32))
 
@@ -901,6 +939,22 @@ def block_sparse_selection(
                              _opt_float(sparsity), _opt_float(cdf_threshold), list(tile))
 
 
+def block_sparse_keys(k: torch.Tensor, v: torch.Tensor, latent_shape_k, tile=DEFAULT_TILE) -> PackedKV | None:
+    """K and V packed tile-major with their key-tile means, to be passed as ``keys=`` to several
+    ``block_sparse_attention`` calls against the same k and v (query chunks): the packing and the
+    key means are then computed once per call site, not once per chunk. Inference only. Returns
+    None where the Triton path does not run (the attention call then falls back as usual)."""
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    if not triton_runs_on(k, v):
+        return None
+    grid_k = check_latent_shape("latent_shape_k", latent_shape_k, num_tokens=k.shape[2])
+    _, _, tile = check_block_sparse_args(k.shape[2], k.shape[2], grid_k, grid_k, 0.0, None, tile)
+    check_kernel_inputs(k.shape[-1], k=k, v=v)
+    k, v = last_dim_contiguous(k.detach()), last_dim_contiguous(v.detach())
+    return PackedKV.pack(k, v, grid_k, tile)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -913,6 +967,7 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     return_selection: bool = False,
+    keys: PackedKV | None = None,
 ):
     """Block-sparse 3D attention (Triton forward and backward; the selection is not differentiated).
 
@@ -921,6 +976,8 @@ def block_sparse_attention(
     divide the grid. Returns out [B, heads, Sq, D] in q.dtype (memory laid out [B, Sq, heads, D]),
     then lse [B, heads, Sq] float32 if ``return_lse``, then (indices, counts) as
     ``block_sparse_selection`` if ``return_selection`` (a bare tensor when neither is asked).
+    ``keys``: from ``block_sparse_keys(k, v, latent_shape_k, tile)``, to reuse the packed keys
+    across calls (inference).
     """
     _check_qkv(q, k, v)
     grid_q, grid_k, tile = check_block_sparse_args(
@@ -934,8 +991,20 @@ def block_sparse_attention(
             q, k, v, grid_q, grid_k, sparsity, cdf_threshold, tile, scale, return_lse, return_selection
         )
     check_kernel_inputs(q.shape[-1], q=q, k=k, v=v)
-    out, lse, indices, counts = _bsa_op(q, k, v, list(grid_q), list(grid_k), _opt_float(sparsity),
-                                        _opt_float(cdf_threshold), list(tile), float(scale))
+    if keys is not None:
+        B, H, _, D = k.shape
+        if keys.grid != grid_k or keys.tile != tile or tuple(keys.k.shape) != (B * H, keys.n_tiles, keys.tile_pad, D) \
+                or keys.k.dtype != k.dtype or keys.k.device != k.device:
+            raise ValueError(f"keys were packed for grid {keys.grid}, tile {keys.tile}, shape {tuple(keys.k.shape)}; "
+                             f"this call has grid {grid_k}, tile {tile}, k {tuple(k.shape)} {k.dtype}")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("keys= is for inference: it has no backward (call without keys to differentiate)")
+        out, lse, indices, counts = _bsa_packed_op(q, keys.k, keys.v, keys.means, keys.tile_len, list(grid_q),
+                                                   list(grid_k), _opt_float(sparsity), _opt_float(cdf_threshold),
+                                                   list(tile), float(scale))
+    else:
+        out, lse, indices, counts = _bsa_op(q, k, v, list(grid_q), list(grid_k), _opt_float(sparsity),
+                                            _opt_float(cdf_threshold), list(tile), float(scale))
     result = (out,)
     if return_lse:
         result += (lse,)

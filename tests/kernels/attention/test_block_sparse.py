@@ -291,6 +291,29 @@ def test_tile_larger_than_the_grid_is_clamped(gen):
     _check_against_oracle(q, k2, v2, grid, grid_k, 0.5, None, (3, 4, 4), grads=False)
 
 
+def test_keys_packed_once_serve_several_query_chunks(gen):
+    """block_sparse_keys packs k and v (and their tile means) once; query chunks attend with
+    keys= exactly as without it; mismatched keys and a differentiating call are refused."""
+    from longcat.kernels.attention import block_sparse_keys
+
+    grid_k, tile = (4, 4, 6), (2, 2, 4)  # partial tiles along W
+    q, k, v = _qkv(gen, 1, 2, (4, 4, 6), grid_k, 32, torch.float32)
+    keys = block_sparse_keys(k, v, grid_k, tile)
+    rows = 2 * 4 * 6  # two frames of queries per chunk: whole query tiles
+    for start in (0, rows):
+        qc = q[:, :, start:start + rows]
+        with torch.no_grad():
+            out, sel = block_sparse_attention(qc, k, v, (2, 4, 6), grid_k, 0.5, None, tile, keys=keys,
+                                              return_selection=True)
+            want, want_sel = block_sparse_attention(qc, k, v, (2, 4, 6), grid_k, 0.5, None, tile, return_selection=True)
+        assert torch.equal(out, want)
+        _assert_same_selection(sel, want_sel)
+    with pytest.raises(ValueError, match="keys were packed for grid"):
+        block_sparse_attention(q, k, v, (4, 4, 6), grid_k, 0.5, None, (1, 2, 4), keys=keys)
+    with pytest.raises(ValueError, match="keys= is for inference"):
+        block_sparse_attention(q.requires_grad_(), k, v, (4, 4, 6), grid_k, 0.5, None, tile, keys=keys)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_refinement_like_shapes(gen, dtype):

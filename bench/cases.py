@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .peers import Unavailable, compiled, flex_attention_fn, optional_attr, sdpa_backend_fns, upstream_bsa_fn
 
-__all__ = ["Impl", "Case", "build_cases", "OPS", "kernel_path"]
+__all__ = ["Impl", "Case", "build_cases", "OPS", "kernel_path", "BSA_CONFIGS", "bsa_label"]
 
 # Real shapes (DESIGN.md section 5): latent grids after patching, tokens per sample, batch.
 GPU_SHAPES = {
@@ -32,8 +32,13 @@ CPU_SHAPES = {
     # for tests, CI checks and the pytest-benchmark suite: seconds in the Triton interpreter
     "cpu-tiny": dict(batch=1, grid=(4, 8, 8), heads=2, head_dim=64, hidden=64, ffn=96),
 }
-BSA_TILE = (4, 4, 8)
-BSA_SPARSITY = 0.875
+# BSA settings measured: the published model config (dit/config.json) first, upstream's function
+# defaults beside it. Labels of the BSA cases carry the setting ("720p/0.9375-4x4x4").
+BSA_CONFIGS = ((0.9375, (4, 4, 4)), (0.875, (4, 4, 8)))
+
+
+def bsa_label(size: str, sparsity: float, tile) -> str:
+    return f"{size}/{sparsity:g}-{'x'.join(str(t) for t in tile)}"
 TEXT_LENS = (512, 300)  # valid text tokens per sample of the cross-attention (varlen) case
 GEMM_SHAPES_GPU = {"attn.qkv": (12288, 4096), "ffn.w1": (11008, 4096), "ffn.w2": (4096, 11008)}
 GEMM_TOKENS_GPU = 16384
@@ -43,7 +48,7 @@ GEMM_TOKENS_CPU = 64
 # allocator); errors are then taken against the first peer that ran.
 REFERENCE_BYTES_LIMIT_GPU = 24 * 1024**3
 
-OPS = ("attention.dense", "attention.bsa", "attention.varlen", "layer_norm_modulate", "gated_residual",
+OPS = ("attention.dense", "attention.bsa", "attention.bsa.gating", "attention.varlen", "layer_norm_modulate", "gated_residual",
        "rms_norm", "rope_3d", "qkv_norm_rope", "swiglu", "quant_gemm")
 
 
@@ -165,32 +170,9 @@ def _attention_cases(device, dtype, sizes, use_compile) -> List[Case]:
             dense.impls.append(Impl(name, "peer", fn=fn))
         cases.append(dense)
 
-        # block-sparse (BSA): same inputs; FLOPs counted over the selected tiles only
-        bsa_kw = dict(sparsity=BSA_SPARSITY, tile=BSA_TILE)
-        n_tiles = math.prod(math.ceil(a / t) for a, t in zip((T, H, W), BSA_TILE))
-        keep = max(1, int((1 - BSA_SPARSITY) * n_tiles)) / n_tiles
-        bsa = Case("attention.bsa", label, dict(batch=B, heads=Hd, seq=N, head_dim=D, grid=[T, H, W], tile=list(BSA_TILE),
-                                                sparsity=BSA_SPARSITY, density=keep, dtype=str(dtype)[6:]),
-                   make_qkv, flops=dense_flops * keep, nbytes=4.0 * B * Hd * N * D * dtype.itemsize)
-        grid = (T, H, W)
-        bsa.impls.append(_impl("longcat", "subject", "longcat.kernels.attention", "block_sparse_attention",
-                               call=lambda f, grid=grid: (lambda q, k, v: f(q, k, v, grid, grid, **bsa_kw))))
-        ref = _impl("reference", "reference", "longcat.kernels.attention", "block_sparse_attention_reference",
-                    call=lambda f, grid=grid: (lambda q, k, v: f(q, k, v, grid, grid, **bsa_kw)))
-        if not ref_ok:
-            ref = Impl("reference", "reference", unavailable=big_note)
-        bsa.impls.append(ref)
-        bsa.impls.append(_flex_impl(device, grid))
-        up, why = upstream_bsa_fn()
-        if up is None:
-            bsa.impls.append(Impl("upstream-bsa", "peer", unavailable=why))
-        else:
-            bsa.impls.append(Impl("upstream-bsa", "peer", fn=lambda q, k, v, up=up, grid=grid: up(
-                q, k, v, grid, grid, sparsity=BSA_SPARSITY, chunk_3d_shape_q=list(BSA_TILE), chunk_3d_shape_k=list(BSA_TILE))))
-        dense_peer = "sdpa-flash" if "sdpa-flash" in sdpa else next(iter(sdpa))
-        bsa.impls.append(Impl(f"dense-{dense_peer}", "peer", fn=sdpa[dense_peer],
-                              note="dense attention on the same inputs: the cost BSA avoids (errors are vs dense)"))
-        cases.append(bsa)
+        for sparsity, tile in BSA_CONFIGS:
+            cases += _bsa_cases(device, label, (T, H, W), B, Hd, D, dtype, make_qkv, sparsity, tile, dense_flops,
+                                ref_ok, big_note, sdpa)
 
         # variable-length cross-attention: every sample's queries against its own valid text tokens
         lens = TEXT_LENS if device.type == "cuda" else (24, 11)
@@ -216,7 +198,50 @@ def _attention_cases(device, dtype, sizes, use_compile) -> List[Case]:
     return cases
 
 
-def _flex_impl(device, grid) -> Impl:
+def _bsa_cases(device, size, grid, B, Hd, D, dtype, make_qkv, sparsity, tile, dense_flops, ref_ok, big_note,
+               sdpa) -> List[Case]:
+    """BSA forward (gating included) against its reference, FlexAttention with the same block mask,
+    upstream's kernel and dense attention; and the gating alone (``attention.bsa.gating``), so that
+    its share of the BSA time is measured. Same inputs as the dense case; FLOPs over the kept tiles."""
+    T, H, W = grid
+    N = T * H * W
+    label = bsa_label(size, sparsity, tile)
+    bsa_kw = dict(sparsity=sparsity, tile=tile)
+    n_tiles = math.prod(math.ceil(a / t) for a, t in zip(grid, tile))
+    keep = max(1, int((1 - sparsity) * n_tiles)) / n_tiles
+    params = dict(batch=B, heads=Hd, seq=N, head_dim=D, grid=[T, H, W], tile=list(tile), sparsity=sparsity,
+                  density=keep, dtype=str(dtype)[6:])
+    bsa = Case("attention.bsa", label, params, make_qkv, flops=dense_flops * keep,
+               nbytes=4.0 * B * Hd * N * D * dtype.itemsize)
+    call = (lambda f: (lambda q, k, v: f(q, k, v, grid, grid, **bsa_kw)))
+    bsa.impls.append(_impl("longcat", "subject", "longcat.kernels.attention", "block_sparse_attention", call=call))
+    ref = _impl("reference", "reference", "longcat.kernels.attention", "block_sparse_attention_reference", call=call)
+    bsa.impls.append(ref if ref_ok else Impl("reference", "reference", unavailable=big_note))
+    bsa.impls.append(_flex_impl(device, grid, sparsity, tile))
+    up, why = upstream_bsa_fn()
+    if up is None:
+        bsa.impls.append(Impl("upstream-bsa", "peer", unavailable=why))
+    else:
+        bsa.impls.append(Impl("upstream-bsa", "peer", fn=lambda q, k, v: up(
+            q, k, v, grid, grid, sparsity=sparsity, chunk_3d_shape_q=list(tile), chunk_3d_shape_k=list(tile))))
+    dense_peer = "sdpa-flash" if "sdpa-flash" in sdpa else next(iter(sdpa))
+    bsa.impls.append(Impl(f"dense-{dense_peer}", "peer", fn=sdpa[dense_peer],
+                          note="dense attention on the same inputs: the cost BSA avoids (errors are vs dense)"))
+
+    # The gating alone; the output compared is the 0/1 tile mask (same set of tiles = error 0).
+    gating = Case("attention.bsa.gating", label, params, make_qkv, nbytes=2.0 * B * Hd * N * D * dtype.itemsize)
+    sel_call = (lambda f: (lambda q, k, v: f(q, k, grid, grid, sparsity, None, tile)))
+    from longcat.kernels.attention.block_sparse import selection_to_tile_mask
+
+    for impl in (_impl("longcat", "subject", "longcat.kernels.attention", "block_sparse_selection", call=sel_call),
+                 _impl("reference", "reference", "longcat.kernels.attention", "block_sparse_selection_reference",
+                       call=sel_call)):
+        impl.output = lambda sel: selection_to_tile_mask(*sel, n_tiles).float()
+        gating.impls.append(impl)
+    return [bsa, gating]
+
+
+def _flex_impl(device, grid, sparsity, tile) -> Impl:
     """FlexAttention with the BSA selection as its block mask. Flex blocks are contiguous runs of
     tokens, so q, k, v are permuted to tile order first (as upstream BSA does); that and the
     selection are preparation, not timed. Needs every tile full (the grid a multiple of the tile)."""
@@ -224,22 +249,22 @@ def _flex_impl(device, grid) -> Impl:
         run, make_block_mask = flex_attention_fn(device)
     except Unavailable as e:
         return Impl("flex-attention", "peer", unavailable=str(e))
-    if any(a % t for a, t in zip(grid, BSA_TILE)):
-        return Impl("flex-attention", "peer", unavailable=f"grid {tuple(grid)} is not a multiple of the tile {BSA_TILE} (flex blocks must be full tiles)")
-    from longcat.kernels.attention.block_sparse import block_sparse_selection_reference, token_tile_ids
+    if any(a % t for a, t in zip(grid, tile)):
+        return Impl("flex-attention", "peer", unavailable=f"grid {tuple(grid)} is not a multiple of the tile {tile} (flex blocks must be full tiles)")
+    from longcat.kernels.attention import block_sparse_selection
+    from longcat.kernels.attention.block_sparse import token_tile_ids
 
-    try:
-        from longcat.kernels.attention import block_sparse_selection as select
-    except ImportError:
-        select = block_sparse_selection_reference
-    block = math.prod(BSA_TILE)
-    perm = torch.argsort(token_tile_ids(grid, BSA_TILE, device), stable=True)
+    block = math.prod(tile)
+    perm = torch.argsort(token_tile_ids(grid, tile, device), stable=True)
     inv = torch.argsort(perm)
 
     def prepare(inputs):
         q, k, v = inputs
-        idx, cnt = select(q, k, grid, grid, BSA_SPARSITY, None, BSA_TILE)
-        mask = make_block_mask(idx.int(), cnt.int(), block, q.shape[2], k.shape[2])
+        idx, cnt = block_sparse_selection(q, k, grid, grid, sparsity, None, tile)
+        # FlexAttention reads the width of its index rows as the number of key blocks
+        full = idx.new_zeros(idx.shape[:-1] + (k.shape[2] // block,))
+        full[..., :idx.shape[-1]] = idx
+        mask = make_block_mask(full.int(), cnt.int(), block, q.shape[2], k.shape[2])
         return q[:, :, perm].contiguous(), k[:, :, perm].contiguous(), v[:, :, perm].contiguous(), mask
 
     return Impl("flex-attention", "peer", fn=run, prepare=prepare, output=lambda o: o[:, :, inv],

@@ -30,7 +30,7 @@ python3 -c "import torch, triton, longcat; print('torch', torch.__version__, 'tr
 
 # (the real-size pipeline test is the longcat-bench pipeline step below, with its own time limit)
 step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml" -k "not test_720p_refine_fits_8gb_on_the_gpu"
-step 170 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"
+step 200 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"  # prints the BSA targets (bench/targets.py)
 step 40  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"
 step 100 python3 -m longcat.bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json "$OUT/model-h200.json"
 step 120 python3 -m longcat.bench memory --latent 48 88 160 --configs fp8 fp8-chunked int8-offload int8-chunked-offload --json "$OUT/memory-h200.json"

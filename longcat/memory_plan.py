@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-from .model import LongCatVideoTransformer3DModel, ffn_hidden_size
+from .model import LongCatVideoTransformer3DModel, _bsa_kwargs, ffn_hidden_size
 from .ops import ATTENTION_BACKENDS
 from .presets import get_preset
 
@@ -160,6 +160,7 @@ def plan_memory(
     if attention_chunk_frames and context_parallel > 1:
         raise ValueError("attention_chunk_frames is not combined with context parallelism")
     T, H, W = (int(v) for v in latent)
+    bsa = _bsa_kwargs(config.get("bsa_params"))  # the model's BSA settings (upstream's defaults without)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(weights, torch.bfloat16)
     total, blocks_bytes, block_bytes, depth = _weight_bytes(json.dumps(config, sort_keys=True, default=str), weights, act_dtype)
     if offload == "blocks":
@@ -185,7 +186,7 @@ def plan_memory(
         # and their normed and rotated copies, attention and text-attention outputs, FFN.
         achunk = attention_chunk_frames
         if attention in ("bsa", "auto"):
-            achunk = -(-achunk // 4) * 4  # chunks are whole block-sparse query tiles (4 frames)
+            achunk = -(-achunk // bsa["tile"][0]) * bsa["tile"][0]  # chunks are whole block-sparse query tiles
         achunk = min(T, achunk)
         chunk = achunk
         phases["self-attention (chunked)"] = 2 * x + 6 * x * achunk // T
@@ -210,8 +211,11 @@ def plan_memory(
     if attention == "reference":
         phases[attn_phase] += int(2 * batch * local_heads * n * n * q_frac) * 4  # scores and probabilities in fp32
     if attention in ("bsa", "auto"):
-        tiles = math.ceil(T / 4) * math.ceil(math.ceil(H / ph) / 4) * math.ceil(math.ceil(W / pw) / 8)
-        phases[attn_phase] += int(batch * local_heads * tiles * tiles * q_frac) * (4 + 4)  # gating scores + sorted indices
+        tt, th, tw = bsa["tile"]
+        tiles = math.ceil(T / tt) * math.ceil(math.ceil(H / ph) / th) * math.ceil(math.ceil(W / pw) / tw)
+        kept = tiles if bsa["cdf_threshold"] is not None else max(1, int((1 - bsa["sparsity"]) * tiles))
+        # gating scores (fp32) and the kept key-tile indices (int32) of every query tile
+        phases[attn_phase] += int(batch * local_heads * tiles * q_frac) * (tiles + kept) * 4
     text = batch * text_len * C * a * 4  # projected text, k, v
     kv_cache = 0
     if num_cond_latents:

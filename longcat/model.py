@@ -228,13 +228,22 @@ def _bsa_kwargs(bsa_params: Optional[dict]) -> dict:
     return out
 
 
-def _attend(attn, ops: DiTOps, q, k, v, grid, latent_t: int):
-    """Dense attention, or BSA where the module enables it (video only, as upstream: T > 1)."""
-    if getattr(attn, "enable_bsa", False) and latent_t > 1:
+def _uses_bsa(attn, latent_t: int) -> bool:
+    """BSA where the module enables it, for video only (as upstream: T > 1)."""
+    return getattr(attn, "enable_bsa", False) and latent_t > 1
+
+
+def _attend(attn, ops: DiTOps, q, k, v, grid, latent_t: int, bsa_keys=None):
+    """Dense attention, or BSA where the module enables it. ``bsa_keys``: k and v packed once by
+    ``ops.block_sparse_keys`` for several query chunks."""
+    if _uses_bsa(attn, latent_t):
         _, H, W = grid
         shape_q = (q.shape[2] // (H * W), H, W)
         shape_k = (k.shape[2] // (H * W), H, W)
-        return ops.block_sparse_attention(q, k, v, shape_q, shape_k, **_bsa_kwargs(attn.bsa_params))
+        kwargs = _bsa_kwargs(attn.bsa_params)
+        if bsa_keys is not None:
+            kwargs["keys"] = bsa_keys
+        return ops.block_sparse_attention(q, k, v, shape_q, shape_k, **kwargs)
     return ops.dense_attention(q, k, v)
 
 
@@ -482,7 +491,7 @@ def chunked_block_forward(
     mod = fp32_linear(block.adaLN_modulation[1], F.silu(t.float()))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
     size = int(ops.attention_chunk_frames)
-    if getattr(attn, "enable_bsa", False) and T > 1:
+    if _uses_bsa(attn, T):
         tile_t = _bsa_kwargs(attn.bsa_params)["tile"][0]
         size = -(-size // tile_t) * tile_t
 
@@ -529,6 +538,10 @@ def chunked_block_forward(
     ffn_in = (ffn.w1, ffn.w3)
     for seg_start, seg_stop, n_keys in segments:
         k_seg, v_seg = K[:, :, :n_keys], V[:, :, :n_keys]
+        # BSA: K and V packed tile-major, and their tile means, once for all chunks of the segment
+        bsa_keys = None
+        if _uses_bsa(attn, T) and ops.block_sparse_keys is not None:
+            bsa_keys = ops.block_sparse_keys(k_seg, v_seg, (n_keys // L, H, W), _bsa_kwargs(attn.bsa_params)["tile"])
         for f0, f1 in _frame_chunks(seg_start, seg_stop, size):
             rows = slice(f0 * L, f1 * L)
             xs = x[:, rows]
@@ -541,7 +554,7 @@ def chunked_block_forward(
             else:
                 q = q.view(B, -1, heads, D).transpose(1, 2)
                 q = ops.rope_3d(ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), (f1 - f0, H, W), offset + f0)
-            attn_out = _attend(attn, ops, q, k_seg, v_seg, grid, T)
+            attn_out = _attend(attn, ops, q, k_seg, v_seg, grid, T, bsa_keys)
             del q
             attn_out = _merge_heads(attn, ops, attn_out, grid)
             gate, shift, scale = gate_msa[:, f0:f1], shift_mlp[:, f0:f1], scale_mlp[:, f0:f1]

@@ -69,6 +69,9 @@ class DiTOps:
     # A ``longcat.context_parallel.ContextParallel``: blocks see their rank's spatial window of the
     # tokens and run self-attention on head shards (Ulysses all-to-all). None: one device.
     context_parallel: Optional[Any] = None
+    # block_sparse_keys(k, v, latent_shape_k, tile) -> keys packed once for several
+    # block_sparse_attention(..., keys=) calls (the frame-chunked path); None: no reuse.
+    block_sparse_keys: Optional[Callable] = None
 
     def replace(self, **changes) -> "DiTOps":
         return dataclasses.replace(self, **changes)
@@ -153,10 +156,12 @@ def kernel_ops(
             return attn_kernels.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
 
         if attention == "bsa":
-            def block_sparse(q, k, v, shape_q, shape_k, sparsity=0.875, cdf_threshold=None, tile=(4, 4, 8)):
+            def block_sparse(q, k, v, shape_q, shape_k, sparsity=0.875, cdf_threshold=None, tile=(4, 4, 8), keys=None):
                 return attn_kernels.block_sparse_attention(
-                    q, k, v, shape_q, shape_k, sparsity=sparsity, cdf_threshold=cdf_threshold, tile=tile
+                    q, k, v, shape_q, shape_k, sparsity=sparsity, cdf_threshold=cdf_threshold, tile=tile, keys=keys
                 )
+
+            changes.update(block_sparse_keys=attn_kernels.block_sparse_keys)
         else:
             def block_sparse(q, k, v, shape_q, shape_k, **_bsa):
                 return attn_kernels.dense_attention(q, k, v)

@@ -83,6 +83,19 @@ def tile_grid(latent_shape: Sequence[int], tile: Sequence[int]) -> tuple[int, in
     return tuple(math.ceil(s / t) for s, t in zip(latent_shape, tile))
 
 
+def tile_lengths(latent_shape, tile, device=None) -> torch.Tensor:
+    """Tokens in each tile (int32, tile order; partial edge tiles hold fewer). Computed from the
+    tile coordinates with device ops only: no host copy (CUDA-graph safe) and meta-friendly."""
+    grid = tuple(int(s) for s in latent_shape)
+    nt, nh, nw = tile_grid(grid, tile)
+    idx = torch.arange(nt * nh * nw, device=device, dtype=torch.int32)
+    coords = (idx // (nh * nw), (idx // nw) % nh, idx % nw)
+    length = torch.ones_like(idx)
+    for c, size, t in zip(coords, grid, tile):
+        length = length * (size - c * t).clamp(max=t)
+    return length
+
+
 def token_tile_ids(latent_shape, tile, device=None) -> torch.Tensor:
     """Tile index of every token of a (T, H, W) grid, as int64 [T*H*W]."""
     T, H, W = latent_shape
@@ -277,19 +290,25 @@ def _bsa_tile_mean_kernel(
 
 @triton.jit
 def _bsa_score_kernel(QM, KM, Score, n_q, n_k,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """score[bh] = q_means[bh] @ k_means[bh]^T in fp32 (unscaled, as upstream)."""
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """score[bh] = q_means[bh] @ k_means[bh]^T in fp32 (unscaled, as upstream). The fp32 "ieee"
+    dot runs on FMA units, so head_dim is reduced BLOCK_D at a time: whole [BLOCK, HEAD_DIM] fp32
+    operands in registers spilled on sm_90."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < n_q
     mask_n = offs_n < n_k
-    qm = tl.load(QM + (bh * n_q + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-    kmt = tl.load(KM + (bh * n_k + offs_n[None, :]) * HEAD_DIM + offs_d[:, None], mask=mask_n[None, :], other=0.0)
-    s = tl.dot(qm, kmt, input_precision="ieee")
+    q_ptrs = QM + (bh * n_q + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    k_ptrs = KM + (bh * n_k + offs_n[None, :]) * HEAD_DIM + offs_d[:, None]
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, BLOCK_D):
+        qm = tl.load(q_ptrs + d0, mask=mask_m[:, None], other=0.0)
+        kmt = tl.load(k_ptrs + d0, mask=mask_n[None, :], other=0.0)
+        s = tl.dot(qm, kmt, s, input_precision="ieee")
     tl.store(Score + (bh * n_q + offs_m[:, None]) * n_k + offs_n[None, :], s,
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -680,9 +699,7 @@ class PackedKV:
             TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], TILE_PAD=slots, BLOCK=block, SPLIT=slots // block,
             HEAD_DIM=D, num_warps=4,
         )
-        # tokens per tile (partial edge tiles hold fewer); the same for every head
-        tile_len = torch.bincount(token_tile_ids(grid_k, tile, k.device), minlength=n_tiles).to(torch.int32)
-        return cls(kp, vp, means, tile_len, grid_k, tile)
+        return cls(kp, vp, means, tile_lengths(grid_k, tile, k.device), grid_k, tile)
 
 
 def _select_launch(q, k_means, grid_q, n_k, sparsity, cdf_threshold, tile):
@@ -693,7 +710,7 @@ def _select_launch(q, k_means, grid_q, n_k, sparsity, cdf_threshold, tile):
     score = torch.empty((B * H, n_q, n_k), dtype=torch.float32, device=q.device)
     block = 32
     _bsa_score_kernel[(triton.cdiv(n_q, block), triton.cdiv(n_k, block), B * H)](
-        q_means, k_means, score, n_q, n_k, HEAD_DIM=D, BLOCK_M=block, BLOCK_N=block, num_warps=4,
+        q_means, k_means, score, n_q, n_k, HEAD_DIM=D, BLOCK_M=block, BLOCK_N=block, BLOCK_D=min(D, 32), num_warps=4,
     )
     width = selection_width(sparsity, cdf_threshold, n_k)
     indices = torch.empty((B, H, n_q, width), dtype=torch.int32, device=q.device)

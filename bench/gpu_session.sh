@@ -29,7 +29,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limi
 python3 -c "import torch, triton, longcat; print('torch', torch.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0))"
 
 step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml"
-step 170 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"
+step 170 python3 -m longcat.bench kernels --ops attention layer_norm_modulate gated_residual rms_norm rope_3d qkv_norm_rope swiglu --json "$OUT/kernels-h200.json"
+# GEMM targets (M = 1024, 37,440, 168,960): 8-bit GEMMs vs bf16 cuBLAS, torch._scaled_mm and the peers; packed vs unpacked FFN
+step 150 python3 -m longcat.bench kernels --ops quant_gemm --json "$OUT/gemm-h200.json"
 step 40  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"
 step 100 python3 -m longcat.bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json "$OUT/model-h200.json"
 step 120 python3 -m longcat.bench memory --latent 48 88 160 --configs fp8 fp8-chunked int8-offload int8-chunked-offload --json "$OUT/memory-h200.json"

@@ -109,21 +109,24 @@ def fp8_dynamic_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtyp
 # ----------------------------------------------------------------------------------------------
 
 # Shared memory one CTA may use on sm_90 (232,448 bytes) less room for the epilogue's layout
-# conversion; and the accumulator registers per thread a config may hold (fp32/int32, both
-# accumulators with SwiGLU) so that ptxas keeps the wgmma pipeline without spilling (255 max).
+# conversion, and register budgets per thread (255 max) that keep ptxas from spilling: the fp32 /
+# int32 accumulators (both halves with SwiGLU, twice over for a promoted fp8 dot) and, for W8A16,
+# the weight tile held in registers as the wgmma A operand (raw and converted). Calibrated on the
+# sm_90 compiles of every config below (bench/results/static-changes-gemm.json).
 SMEM_BUDGET = 232_448 - 16_384
 ACC_REGS_BUDGET = 128
+ACC_AND_OPERAND_REGS_BUDGET = 192
 
 
-def _fits(cfg, x_bytes: int, swiglu: bool, promote_fp8: bool = False) -> bool:
-    """The resource rule every config a launcher may pick must pass (checked statically for sm_90
-    in ``bench/results/static-changes-gemm.json``). A promoted fp8 dot keeps a second, fp32
-    accumulator per output element."""
+def _fits(cfg, x_bytes: int, swiglu: bool, promote_fp8: bool = False, weight_in_registers: bool = False) -> bool:
+    """The resource rule every config a launcher may pick must pass."""
     kw = cfg.kwargs
     halves = 2 if swiglu else 1
+    threads = 32 * cfg.num_warps
     smem = cfg.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] * x_bytes + halves * kw["BLOCK_N"])
-    acc_regs = halves * (2 if promote_fp8 else 1) * kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * cfg.num_warps)
-    return smem <= SMEM_BUDGET and acc_regs <= ACC_REGS_BUDGET
+    acc_regs = halves * (2 if promote_fp8 else 1) * kw["BLOCK_M"] * kw["BLOCK_N"] // threads
+    operand_regs = halves * kw["BLOCK_N"] * kw["BLOCK_K"] * x_bytes // (4 * threads) if weight_in_registers else 0
+    return smem <= SMEM_BUDGET and acc_regs <= ACC_REGS_BUDGET and acc_regs + 2 * operand_regs <= ACC_AND_OPERAND_REGS_BUDGET
 
 
 # fp8 accumulation on sm_90: wgmma adds fp8 products into its fp32 accumulator keeping only ~14
@@ -134,7 +137,8 @@ def _fits(cfg, x_bytes: int, swiglu: bool, promote_fp8: bool = False) -> bool:
 # quantization noise (~5% of the error power, in every block): there the dot promotes to full fp32
 # once per K step (max_num_imprecise_acc = BLOCK_K; 78 dB). The price, from the sm_90 compile: a
 # warpgroup wait per K step (ptxas C7517) and ~2x the main-loop instructions, so it applies only
-# above this K.
+# above this K. (cuBLASLt, which takes plain fp8 GEMMs on sm_90, runs without fast accumulation:
+# ``torch._scaled_mm(use_fast_accum=False)``, its default.)
 FP8_PROMOTE_ABOVE_K = 4096
 
 
@@ -175,14 +179,15 @@ def _m_range(m: int) -> str:
     return "small" if m <= 256 else "medium" if m <= 1024 else "large"
 
 
-def _prune(table, x_bytes_of):
+def _prune(table, x_bytes_of, weight_in_registers: bool):
     def prune(configs, named_args, **kwargs):
-        wanted = _m_range(named_args["M"])
         x_bytes = x_bytes_of(named_args)
         swiglu = kwargs.get("SWIGLU", named_args.get("SWIGLU", False))
         promote = kwargs.get("PROMOTE_FP8", named_args.get("PROMOTE_FP8", False))
-        keep = [c for rng, c in table if rng == wanted and _fits(c, x_bytes, swiglu, promote)]
-        return keep or [min((c for _, c in table), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        fitting = [(rng, c) for rng, c in table if _fits(c, x_bytes, swiglu, promote, weight_in_registers)]
+        wanted = _m_range(named_args["M"])
+        # No fitting config for this M range (a promoted fp8 SwiGLU GEMM at large M): the smallest tiles.
+        return [c for rng, c in fitting if rng == wanted] or [c for rng, c in fitting if rng == "small"]
     return prune
 
 
@@ -191,9 +196,9 @@ if interpreter_enabled():
     _W8A8_AUTOTUNE = dict(configs=[_cfg(32, 64, 64, 2, 4, 1)])
     _W8A16_AUTOTUNE = dict(configs=[_cfg(32, 64, 64, 2, 4, 1)])
 else:
-    _W8A8_AUTOTUNE = dict(configs=[c for _, c in _W8A8_CONFIGS], prune_configs_by={"early_config_prune": _prune(_W8A8_CONFIGS, lambda a: 1)})
+    _W8A8_AUTOTUNE = dict(configs=[c for _, c in _W8A8_CONFIGS], prune_configs_by={"early_config_prune": _prune(_W8A8_CONFIGS, lambda a: 1, False)})
     _W8A16_AUTOTUNE = dict(configs=[c for _, c in _W8A16_CONFIGS],
-                           prune_configs_by={"early_config_prune": _prune(_W8A16_CONFIGS, lambda a: a["x_ptr"].element_size())})
+                           prune_configs_by={"early_config_prune": _prune(_W8A16_CONFIGS, lambda a: a["x_ptr"].element_size(), True)})
 
 
 def _num_sms(device) -> int:

@@ -366,17 +366,20 @@ def test_weight_only_backward_gives_input_gradient(gen):
 def test_every_config_a_launcher_can_pick_fits(M, swiglu):
     """The autotuner only ever sees configs that pass the sm_90 resource rule (shared memory and
     accumulator registers), for every M range, epilogue and fp8 accumulation mode."""
-    for table, x_bytes, promotes in ((qg._W8A8_CONFIGS, 1, (False, True)), (qg._W8A16_CONFIGS, 2, (False,))):
+    for table, x_bytes, promotes, in_regs in ((qg._W8A8_CONFIGS, 1, (False, True), False), (qg._W8A16_CONFIGS, 2, (False,), True)):
         for promote in promotes:
-            prune = qg._prune(table, lambda a: x_bytes)
+            prune = qg._prune(table, lambda a: x_bytes, in_regs)
             kept = prune([c for _, c in table], {"M": M}, SWIGLU=swiglu, PROMOTE_FP8=promote)
             assert kept, (M, swiglu, promote)
-            assert all(qg._fits(c, x_bytes, swiglu, promote) for c in kept)
+            assert all(qg._fits(c, x_bytes, swiglu, promote, in_regs) for c in kept)
             assert all(c.kwargs["BLOCK_M"] <= 64 for c in kept) or M > 256
     # Configs autotuning used to keep for the fused SwiGLU GEMM spill on sm_90 (3.4-3.6 KB): rejected.
     assert not qg._fits(qg._cfg(128, 256, 64, 8, 8, 3), 1, True)
     assert not qg._fits(qg._cfg(128, 256, 128, 8, 8, 3), 1, True)
     assert not qg._fits(qg._cfg(128, 256, 128, 8, 8, 3), 1, False, promote_fp8=True)
+    # W8A16 holds the weight tile in registers: a 64x256 SwiGLU pair spills (192 B) though its accumulators are small.
+    assert not qg._fits(qg._cfg(16, 64, 256, 1, 4, 4), 2, True, weight_in_registers=True)
+    assert qg._fits(qg._cfg(16, 64, 256, 1, 4, 4), 2, False, weight_in_registers=True)
 
 
 def test_fp8_long_k_takes_the_promoted_accumulation(gen):

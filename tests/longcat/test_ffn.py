@@ -9,6 +9,7 @@ import longcat
 from longcat import LongCatVideoTransformer3DModel, accelerate, restore
 from longcat.ffn import _usable_packed, ffn_gate, is_packed, pack_ffn, unpack_ffn
 from longcat.model import FeedForwardSwiGLU
+from longcat.ops import kernel_ops
 import longcat.quant as lq
 from longcat.quant import QuantizedLinear
 from dit_cases import random_inputs
@@ -185,3 +186,34 @@ def test_lora_merged_before_accelerate_is_packed(gen):
     assert all(_usable_packed(b.ffn) is not None for b in m.blocks)
     with torch.no_grad():
         torch.testing.assert_close(m(x, t, y, mask), expected, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [None, (torch.int8, False), (torch.float8_e4m3fn, True)])
+def test_gpu_packed_ffn_real_shape(fmt):
+    """bf16 at the real FFN shape (4096 -> 2 x 11008): the packed gate (cuBLAS + swiglu_packed, or
+    the 8-bit GEMM with the SwiGLU epilogue) against the two layers, by the error rule."""
+    from oracle import assert_by_rule
+
+    torch.manual_seed(0)
+    ffn = FeedForwardSwiGLU(4096, 11008).cuda().bfloat16()
+    if fmt is not None:
+        ffn.w1 = QuantizedLinear.from_linear(ffn.w1, *fmt)
+        ffn.w3 = QuantizedLinear.from_linear(ffn.w3, *fmt)
+    x = torch.randn(4096 + 17, 4096, device="cuda").bfloat16()
+    with torch.no_grad():
+        two_layers = ffn_gate(ffn, x, kernel_ops())
+        if fmt is None:
+            oracle = F.silu(F.linear(x.double(), ffn.w1.weight.double())) * F.linear(x.double(), ffn.w3.weight.double())
+        else:
+            w1, w3 = ffn.w1.dequantized_weight(torch.float64), ffn.w3.dequantized_weight(torch.float64)
+            oracle = F.silu(F.linear(x.double(), w1)) * F.linear(x.double(), w3)
+        assert pack_ffn(ffn) and _usable_packed(ffn) is not None
+        packed = ffn_gate(ffn, x, kernel_ops())
+    if fmt is None:
+        assert_by_rule(packed, two_layers, oracle, atol=1e-2)
+    else:
+        # Same 8-bit operands (and activation scales) on both paths: what differs is the bf16
+        # rounding of the two separate outputs before the gate.
+        torch.testing.assert_close(packed, two_layers, rtol=2e-2, atol=2e-2)
+        assert ((packed.double() - oracle).norm() / oracle.norm()).item() < 0.05

@@ -12,8 +12,9 @@ the packing costs no memory. ``ffn_gate`` then runs
 
 It falls back to the two separate layers (``ops.swiglu(w1(x), w3(x))``, the same math) whenever the
 packed weight would not be what the layers compute: a LoRA (or any) wrapper on ``w1``/``w3``'s
-``forward``, or weights that no longer alias the packed tensor (the model was moved with ``.to``
-or its tensors were replaced; checked in eager mode). ``unpack_ffn`` (``longcat.restore``) gives
+``forward``, or weights that no longer alias the packed tensor (the model was moved or cast with
+``.to`` after ``accelerate``, or its tensors were replaced; checked in eager mode, and the stale
+packed tensor is then dropped: call ``accelerate`` after moving the model). ``unpack_ffn`` (``longcat.restore``) gives
 ``w1``/``w3`` storage of their own again.
 """
 from __future__ import annotations
@@ -137,13 +138,15 @@ def _usable_packed(ffn: nn.Module) -> Optional[Tuple[str, tuple]]:
         return None
     if not torch.compiler.is_compiling():
         # The halves must still be views of the packed tensors (``.to`` or a replaced weight breaks
-        # that; the layers then hold the truth). Compiled graphs skip the pointer check.
+        # that; the layers then hold the truth, and the stale packed copy is dropped so its memory
+        # is freed). Compiled graphs skip the pointer check.
         for (slot_kind, name), p in zip(_slots(kind), packed):
             if p is None:
                 continue
             h = p.shape[0] // 2
             a, b = getattr(w1, slot_kind)[name], getattr(w3, slot_kind)[name]
             if not (_aliases(a, p) and _aliases(b, p[h:])):
+                delattr(ffn, _PACKED_ATTR)
                 return None
     return state
 

@@ -103,6 +103,7 @@ def test_moved_weights_fall_back_to_the_layers(gen):
         ffn.w1.weight.mul_(2)
     x = torch.randn(4, 24, generator=gen, dtype=torch.float64)
     assert _usable_packed(ffn) is None
+    assert not is_packed(ffn)  # the stale packed copy is released
     torch.testing.assert_close(ffn_gate(ffn, x, longcat.REFERENCE_OPS), F.silu(ffn.w1(x)) * ffn.w3(x))
 
 

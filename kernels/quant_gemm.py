@@ -233,7 +233,7 @@ def _w8a8_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    w3_off = N_OUT.to(tl.int64) * K  # W3 rows follow the W1 rows in the packed SwiGLU weight
+    w3_off = N_OUT * K  # W3 rows follow the W1 rows in the packed SwiGLU weight
     for tile_id in range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -312,7 +312,7 @@ def _w8a16_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    w3_off = N_OUT.to(tl.int64) * K
+    w3_off = N_OUT * K
     for tile_id in range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -23,15 +23,9 @@ import tempfile
 import time
 from typing import Any, Mapping
 
-__all__ = ["ARCH_LIMITS", "StaticStats", "compile_static", "analyze_compiled", "tool_path"]
+from longcat.kernels._configs import ARCH_LIMITS
 
-# Per-architecture limits (CUDA occupancy tables): max shared memory one block may opt into, shared
-# memory and registers per SM, max resident threads and blocks per SM.
-ARCH_LIMITS: dict[int, dict[str, int]] = {
-    80: {"smem_per_block": 166_912, "smem_per_sm": 167_936, "regs_per_sm": 65_536, "threads_per_sm": 2048, "blocks_per_sm": 32},
-    89: {"smem_per_block": 101_376, "smem_per_sm": 102_400, "regs_per_sm": 65_536, "threads_per_sm": 1536, "blocks_per_sm": 24},
-    90: {"smem_per_block": 232_448, "smem_per_sm": 233_472, "regs_per_sm": 65_536, "threads_per_sm": 2048, "blocks_per_sm": 32},
-}
+__all__ = ["ARCH_LIMITS", "StaticStats", "compile_static", "analyze_compiled", "tool_path"]
 
 _ADVISORY = re.compile(r"(C75\d\d)[^\n]*")
 

@@ -17,6 +17,8 @@ import torch
 __all__ = [
     "interpreter_enabled",
     "triton_runs_on",
+    "device_capability",
+    "fp8_supported",
     "warn_once",
     "check_tensor",
     "check_same_device",
@@ -24,6 +26,10 @@ __all__ = [
 ]
 
 _WARNED: set[str] = set()
+
+# (major, minor) compute capability while ``longcat.kernels._capture.capture_launches`` records
+# launches on meta tensors: they then count as tensors of such a CUDA device.
+_capture_capability: tuple[int, int] | None = None
 
 
 def interpreter_enabled() -> bool:
@@ -39,7 +45,30 @@ def triton_runs_on(*tensors: torch.Tensor) -> bool:
         return True
     if devices == {"cpu"}:
         return interpreter_enabled()
+    if devices == {"meta"}:
+        return _capture_capability is not None
     return False
+
+
+def device_capability(*tensors: torch.Tensor) -> tuple[int, int] | None:
+    """(major, minor) compute capability of the first CUDA tensor's device (of the captured target
+    for meta tensors); None for tensors that run on the CPU (interpreter or reference)."""
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device.type == "cuda":
+            return torch.cuda.get_device_capability(t.device)
+        if t.device.type == "meta" and _capture_capability is not None:
+            return _capture_capability
+    return None
+
+
+def fp8_supported(*tensors: torch.Tensor) -> bool:
+    """Whether float8_e4m3fn kernels can be compiled for these tensors' device: sm_89 (Ada) and
+    later convert and multiply fp8 natively; Triton rejects e4m3 on sm_80 and older. The
+    interpreter (CPU) handles fp8."""
+    capability = device_capability(*tensors)
+    return capability is None or capability >= (8, 9)
 
 
 def warn_once(key: str, message: str) -> None:
@@ -49,11 +78,13 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def fallback_warning(op: str) -> None:
+FP8_NEEDS_SM89 = "float8_e4m3fn kernels need a GPU of compute capability 8.9 or later"
+
+
+def fallback_warning(op: str, reason: str = "no CUDA device and TRITON_INTERPRET is not set") -> None:
     warn_once(
         f"fallback:{op}",
-        f"longcat.kernels.{op}: no CUDA device and TRITON_INTERPRET is not set; "
-        "using the pure-PyTorch reference implementation (correct, not fast).",
+        f"longcat.kernels.{op}: {reason}; using the pure-PyTorch reference implementation (correct, not fast).",
     )
 
 

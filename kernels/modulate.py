@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_grid_axis1, frame_chunks, row_tile
-from ._runtime import check_same_device, check_tensor, fallback_warning, triton_runs_on
+from ._runtime import FP8_NEEDS_SM89, check_same_device, check_tensor, fallback_warning, fp8_supported, triton_runs_on
 
 __all__ = [
     "layer_norm_modulate",
@@ -548,7 +548,10 @@ def layer_norm_modulate_quant(
     """
     check_norm_inputs(x, shift, scale, weight, bias)
     _qmax(qdtype)
-    if triton_runs_on(x, shift, scale, weight, bias):
+    if not triton_runs_on(x, shift, scale, weight, bias):
+        fallback_warning("layer_norm_modulate_quant")
+    elif qdtype == torch.float8_e4m3fn and not fp8_supported(x):
+        fallback_warning("layer_norm_modulate_quant", FP8_NEEDS_SM89)
+    else:
         return _layer_norm_modulate_quant_op(x, unit_stride(shift), unit_stride(scale), weight, bias, float(eps), qdtype)
-    fallback_warning("layer_norm_modulate_quant")
     return layer_norm_modulate_quant_reference(x, shift, scale, weight, bias, eps, qdtype)

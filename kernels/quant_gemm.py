@@ -18,8 +18,8 @@ float8_e4m3fn ``[N, K]`` and one float32 scale per output channel ``[N]`` (symme
   (fp32) from two accumulators, so the FFN's [M, 2H] intermediate never reaches memory.
 
 Both Triton kernels are persistent (one program per SM walking the output tiles in grouped,
-L2-friendly order) and autotune over configs that pass one resource rule (``_fits``: shared
-memory and accumulator registers on sm_90), chosen by the range of M.
+L2-friendly order) and autotune over configs that pass the resource rule of ``kernels._configs`` (shared memory and
+registers on sm_90; see ``_fits``), chosen by the range of M.
 
 Each op has a pure-PyTorch ``*_reference`` (float32 math, float64 when given float64 inputs), a
 validating launcher and a ``torch.library.custom_op`` with a fake implementation.
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import check_same_device, check_tensor, fallback_warning, interpreter_enabled, triton_runs_on
+from ._configs import TileShape, fits
+from ._runtime import check_same_device, check_tensor, fallback_warning, fp8_supported, interpreter_enabled, triton_runs_on
 
 __all__ = [
     "int8_weight_only_linear",
@@ -108,25 +109,20 @@ def fp8_dynamic_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtyp
 # Triton kernels: W8A8 (8-bit x 8-bit) and W8A16 (8-bit weight, 16/32-bit activations)
 # ----------------------------------------------------------------------------------------------
 
-# Shared memory one CTA may use on sm_90 (232,448 bytes) less room for the epilogue's layout
-# conversion, and register budgets per thread (255 max) that keep ptxas from spilling: the fp32 /
-# int32 accumulators (both halves with SwiGLU, twice over for a promoted fp8 dot) and, for W8A16,
-# the weight tile held in registers as the wgmma A operand (raw and converted). Calibrated on the
-# sm_90 compiles of every config below (bench/results/static-changes-gemm.json).
-SMEM_BUDGET = 232_448 - 16_384
-ACC_REGS_BUDGET = 128
-ACC_AND_OPERAND_REGS_BUDGET = 192
-
-
 def _fits(cfg, x_bytes: int, swiglu: bool, promote_fp8: bool = False, weight_in_registers: bool = False) -> bool:
-    """The resource rule every config a launcher may pick must pass."""
+    """The resource rule (``kernels._configs``) every config a launcher may pick must pass on sm_90.
+    Both halves of a SwiGLU GEMM stream a weight tile and keep an accumulator; a promoted fp8 dot
+    keeps a second, fp32 accumulator. W8A16 holds the converted weight tile in registers as the wgmma
+    A operand. On the sm_90 compiles of every config below (and of those they replaced;
+    bench/results/static-changes-gemm.json) the rule accepts no config that spills or overflows
+    shared memory; a 16x64x256 / 4-warp W8A16 config it would accept spills 192 bytes with SwiGLU,
+    so it is not in the table."""
     kw = cfg.kwargs
     halves = 2 if swiglu else 1
-    threads = 32 * cfg.num_warps
-    smem = cfg.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] * x_bytes + halves * kw["BLOCK_N"])
-    acc_regs = halves * (2 if promote_fp8 else 1) * kw["BLOCK_M"] * kw["BLOCK_N"] // threads
-    operand_regs = halves * kw["BLOCK_N"] * kw["BLOCK_K"] * x_bytes // (4 * threads) if weight_in_registers else 0
-    return smem <= SMEM_BUDGET and acc_regs <= ACC_REGS_BUDGET and acc_regs + 2 * operand_regs <= ACC_AND_OPERAND_REGS_BUDGET
+    tile = TileShape(block_m=kw["BLOCK_M"], block_n=kw["BLOCK_N"], block_k=kw["BLOCK_K"], a_bytes=x_bytes, b_bytes=1,
+                     b_operands=halves, accumulators=halves * (2 if promote_fp8 else 1),
+                     b_convert_bytes=x_bytes if weight_in_registers else 0)
+    return fits(tile, cfg.num_warps, cfg.num_stages, arch=90)
 
 
 # fp8 accumulation on sm_90: wgmma adds fp8 products into its fp32 accumulator keeping only ~14
@@ -170,7 +166,6 @@ _W8A16_CONFIGS = [
     ("medium", _cfg(64, 64, 128, 4, 4, 4)),
     ("small", _cfg(16, 128, 256, 1, 8, 4)),
     ("small", _cfg(32, 128, 128, 1, 8, 5)),
-    ("small", _cfg(16, 64, 256, 1, 4, 4)),
     ("small", _cfg(32, 64, 128, 1, 4, 5)),
 ]
 
@@ -394,13 +389,6 @@ def _launch(x2, x_scale, w_q, w_scale, bias, out_dtype, a8, swiglu):
     return y
 
 
-def _fp8_supported(*tensors) -> bool:
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-            return torch.cuda.get_device_capability(t.device) >= (8, 9)
-    return True
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -442,7 +430,7 @@ def _weight_only_linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Te
     x2 = _rows(x)
     n_out = w_q.shape[0] // 2 if swiglu else w_q.shape[0]
     fp8 = w_q.dtype == torch.float8_e4m3fn
-    if triton_runs_on(x2, w_q, w_scale, *( [bias] if bias is not None else [])) and (not fp8 or _fp8_supported(x2)):
+    if triton_runs_on(x2, w_q, w_scale, *( [bias] if bias is not None else [])) and (not fp8 or fp8_supported(x2)):
         y = _launch(x2, None, w_q.contiguous(), w_scale.contiguous(), bias, x.dtype, False, swiglu)
     else:
         fallback_warning("quant_gemm.weight_only_linear")
@@ -490,7 +478,7 @@ def _dynamic_linear_op(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tens
     fp8 = w_q.dtype == torch.float8_e4m3fn
     if _prefers_scaled_mm(x2, w_q, bias, out_dtype, swiglu):
         y = scaled_mm_linear(x2, xs, w_q, w_scale, bias, out_dtype)
-    elif triton_runs_on(x2, xs, w_q, w_scale, *([bias] if bias is not None else [])) and (not fp8 or _fp8_supported(x2)):
+    elif triton_runs_on(x2, xs, w_q, w_scale, *([bias] if bias is not None else [])) and (not fp8 or fp8_supported(x2)):
         y = _launch(x2, xs, w_q.contiguous(), w_scale.contiguous(), bias, out_dtype, True, swiglu)
     else:
         fallback_warning("quant_gemm.dynamic_linear")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_tensor, fallback_warning, interpreter_enabled, triton_runs_on
+from ._runtime import check_tensor, fallback_warning, fp8_supported, interpreter_enabled, triton_runs_on
 
 __all__ = [
     "QMAX",
@@ -137,19 +137,13 @@ def _launch_quantize_per_token(x2: torch.Tensor, qdtype: torch.dtype) -> tuple[t
     return q, s
 
 
-def _fp8_supported(t: torch.Tensor) -> bool:
-    if t.device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(t.device) >= (8, 9)
-
-
 @torch.library.custom_op("longcat::quantize_per_token", mutates_args=())
 def _quantize_per_token_op(x: torch.Tensor, is_int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     qdtype = torch.int8 if is_int8 else torch.float8_e4m3fn
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if triton_runs_on(x2) and (is_int8 or _fp8_supported(x2)):
+    if triton_runs_on(x2) and (is_int8 or fp8_supported(x2)):
         q, s = _launch_quantize_per_token(x2, qdtype)
     else:
         fallback_warning("quantize_per_token")

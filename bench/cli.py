@@ -23,6 +23,81 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class CLIError(Exception):
+    """A bad argument or input file, found before any work: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _threshold(text: str) -> float:
+    from .compare import parse_percent
+
+    try:
+        return parse_percent(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _check_output(path: Optional[str], option: str, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written (an ancestor that is a file, a read-only
+    folder) before the run, not after it."""
+    if not path:
+        return
+    if not folder and os.path.isdir(path):
+        raise CLIError(f"{option} {path}: is a folder; give a file name")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{option} {path}: exists and is not a folder")
+    probe = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise CLIError(f"{option} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: folder {probe} is not writable")
+
+
+def _read_input(path: str, what: str, results_schema: bool = True) -> dict:
+    """A JSON input file, or a one-line CLIError saying why it cannot be used."""
+    import json
+
+    from .results import load_results
+
+    try:
+        if results_schema:
+            return load_results(path)
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise CLIError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"{what} {path}: not valid JSON ({e})") from None
+    except ValueError as e:
+        raise CLIError(f"{what}: {e}") from None
+    if not isinstance(doc, dict):
+        raise CLIError(f"{what} {path}: expected a JSON object")
+    return doc
+
+
 def _fmt_bytes(n: Optional[int]) -> str:
     if n is None:
         return "n/a"
@@ -300,17 +375,20 @@ def cmd_report(args) -> int:
     from .report import default_inputs, write_report
 
     inputs = args.inputs or default_inputs()
+    for path in inputs:
+        _read_input(path, "input", results_schema=False)
     text, note = write_report(inputs, args.output, args.plots_dir)
     print(f"{args.output} written from {len(inputs)} results file(s)" + (f"; {note}" if note else ""))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from .compare import Tolerances, compare_docs, format_rows, parse_percent, regressions
-    from .results import load_results
+    from .compare import Tolerances, compare_docs, format_rows, regressions
 
-    frac = parse_percent(args.fail_above)
-    old, new = load_results(args.old), load_results(args.new)
+    frac = args.fail_above
+    old, new = _read_input(args.old, "old results"), _read_input(args.new, "new results")
+    if not new["records"]:
+        raise CLIError(f"new results {args.new}: holds no records; nothing to compare")
     rows = compare_docs([old], [new], Tolerances.uniform(frac), with_time=not args.no_time)
     print(f"compare {args.old} -> {args.new} (fail above {frac * 100:g}%: time up, error or memory up, SQNR/cosine worse)")
     for label, doc in (("old", old), ("new", new)):
@@ -318,8 +396,8 @@ def cmd_compare(args) -> int:
         print(f"  {label}: {m.get('gpu') or 'CPU'}, torch {m.get('torch')}, commit {m.get('commit')}, command: {doc.get('command')}")
     print()
     print(format_rows(rows, show_ok=not args.only_changes))
-    bad = regressions(rows)
-    print(f"\n{len(bad)} regression(s) beyond {frac * 100:g}% out of {len(rows)} compared values.")
+    bad = regressions(rows, missing_fails=True)
+    print(f"\n{len(bad)} regression(s) (beyond {frac * 100:g}%, NaN, broken or missing) out of {len(rows)} compared values.")
     return 1 if bad else 0
 
 
@@ -349,6 +427,11 @@ def cmd_check(args) -> int:
         print("longcat-bench check measures the Triton kernels in the CPU interpreter: set TRITON_INTERPRET=1 "
               "before Python starts (TRITON_INTERPRET=1 longcat-bench check ...).", file=sys.stderr)
         return 2
+    if args.update:
+        _check_output(args.baseline, "--baseline")
+        _check_output(args.gpu_baseline, "--gpu-baseline")
+    elif os.path.isfile(args.baseline):
+        _read_input(args.baseline, "baseline")
     print("longcat-bench check: deterministic accuracy of every kernel (CPU, Triton interpreter, fixed seeds), "
           "quantization SQNR/cosine, memory-planner figures; compared with the committed baseline.", flush=True)
     records = _accuracy_figures(torch.device("cpu"), [torch.float32, torch.float16], "cpu-tiny", False)
@@ -393,18 +476,18 @@ def cmd_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longcat-bench", description="Benchmark harness of the LongCat-Video toolkit.")
+    p = _Parser(prog="longcat-bench", description="Benchmark harness of the LongCat-Video toolkit.")
     sub = p.add_subparsers(dest="command")
 
     def model_options(m, warmup=1, repeats=3):
         m.add_argument("--preset", choices=["tiny", "small", "longcat-video"], help="model size (default: small on CPU, longcat-video on GPU)")
-        m.add_argument("--latent", type=int, nargs=3, metavar=("T", "H", "W"), help="latent grid before patching (default CPU 4 16 16, GPU 24 60 104 = 480p)")
-        m.add_argument("--batch", type=int, default=1)
-        m.add_argument("--text-len", type=int, default=32)
+        m.add_argument("--latent", type=positive_int, nargs=3, metavar=("T", "H", "W"), help="latent grid before patching (default CPU 4 16 16, GPU 24 60 104 = 480p)")
+        m.add_argument("--batch", type=positive_int, default=1)
+        m.add_argument("--text-len", type=positive_int, default=32)
         m.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on GPU")
         m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-        m.add_argument("--warmup", type=int, default=warmup)
-        m.add_argument("--repeats", type=int, default=repeats)
+        m.add_argument("--warmup", type=non_negative_int, default=warmup)
+        m.add_argument("--repeats", type=positive_int, default=repeats)
         m.add_argument("--seed", type=int, default=0)
         m.add_argument("--json", help="also write the results JSON here")
 
@@ -429,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--size", help="GPU: 480p or 720p (default both); CPU: cpu-small (default) or cpu-tiny")
     k.add_argument("--dtype", choices=sorted(DTYPES), help="activation dtype (default bf16 on GPU, fp32 on CPU)")
     k.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    k.add_argument("--warmup", type=int, help="default 3 on GPU, 1 on CPU")
-    k.add_argument("--repeats", type=int, help="default 10 on GPU, 3 on CPU")
+    k.add_argument("--warmup", type=non_negative_int, help="default 3 on GPU, 1 on CPU")
+    k.add_argument("--repeats", type=positive_int, help="default 10 on GPU, 3 on CPU")
     k.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile peers (auto: on a GPU only)")
     k.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy / matmul ceilings")
     k.add_argument("--json", help="also write the results JSON here")
@@ -454,7 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="regression table between two results files; non-zero exit on a regression")
     c.add_argument("old")
     c.add_argument("new")
-    c.add_argument("--fail-above", default="10%", help="allowed change before a value counts as a regression (default 10%%)")
+    c.add_argument("--fail-above", type=_threshold, default="10%",
+                   help="allowed change before a value counts as a regression, as a percentage with its %% sign "
+                        "(default 10%%; a bare number is refused). NaN values, broken or missing records and an "
+                        "empty or unknown-schema file fail whatever the threshold")
     c.add_argument("--no-time", action="store_true", help="ignore timings (compare accuracy and memory only)")
     c.add_argument("--only-changes", action="store_true", help="hide rows within the threshold")
     c.set_defaults(func=cmd_compare)
@@ -494,7 +580,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if as_program:
         _reexec_with_interpreter(argv)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        for option in ("json", "output"):
+            _check_output(getattr(args, option, None), "--" + option)
+        _check_output(getattr(args, "plots_dir", None), "--plots-dir", folder=True)
+        return args.func(args)
+    except CLIError as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 Records are matched by key. For each metric both documents have, the change is judged by the
 metric's direction: times, errors and memory must not grow, SQNR and cosine must not fall. Errors
 and SQNR are compared as noise power (an SQNR drop of 0.41 dB is 10% more noise); cosine as 1 - cos.
+A NaN on the new side is a regression whatever the threshold.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
@@ -61,12 +63,12 @@ class Row:
 
 
 def parse_percent(text: str) -> float:
-    """"10%" or "0.1" -> 0.1."""
-    text = str(text).strip()
-    if text.endswith("%"):
-        return float(text[:-1]) / 100.0
-    value = float(text)
-    return value / 100.0 if value > 1 else value
+    """A threshold written as a percentage with its sign, "10%" or "2.5%", as a fraction (0.1).
+    One syntax only: a bare number ("0.1", "5") is refused, as are NaN, infinities and negatives."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*", str(text))
+    if not m:
+        raise ValueError(f"threshold must be a percentage such as '10%' or '2.5%' (a number >= 0 followed by %), got {text!r}")
+    return float(m.group(1)) / 100.0
 
 
 def record_metrics(rec: dict, with_time: bool = True) -> Dict[str, object]:
@@ -88,6 +90,11 @@ def _judge(kind: str, old, new, tol: Tolerances):
     if kind == "bound":
         return f"{old} -> {new}", bool(old) and not bool(new), (not bool(old)) and bool(new)
     old, new = float(old), float(new)
+    # Every comparison with NaN is False, so a NaN would otherwise pass as "ok".
+    if math.isnan(new):
+        return f"{old} -> {new}", True, False
+    if math.isnan(old):
+        return f"{old} -> {new}", False, True
     if kind == "sqnr":
         if math.isinf(old) and math.isinf(new):
             return "0.00 dB", False, False

@@ -3,8 +3,10 @@
 Works on our ``LongCatVideoTransformer3DModel`` and on an upstream LongCat-Video DiT instance,
 recognised by its module tree (DESIGN.md section 3: ``blocks[i].adaLN_modulation``,
 ``attn.qkv/q_norm/k_norm/proj``, ``cross_attn.q_linear/kv_linear/q_norm/k_norm/proj``,
-``ffn.w1/w2/w3``, ``pre_crs_attn_norm``); no upstream code is imported. Every check runs before
-anything is changed, so a model that is not recognised is left untouched.
+``ffn.w1/w2/w3``, ``pre_crs_attn_norm``); no upstream code is imported. Every argument is checked
+before anything is changed (``compile`` options by ``torch.compile`` itself, on a stand-in
+function), and a failure while patching rolls the model back: after a failed call the model is
+exactly as before it (same module objects, tensors, hooks, forwards and flags).
 
 The patch is recorded on the model: calling ``accelerate`` again first undoes the previous patch
 (so it is idempotent), and ``longcat.restore(model)`` undoes it.
@@ -173,6 +175,57 @@ def _set_bsa(model, bsa) -> None:
             block.attn.enable_bsa = bool(bsa)
 
 
+def _identity(x):
+    return x
+
+
+def _compile_options(compile) -> Optional[dict]:
+    """torch.compile keyword arguments for the blocks (None: no compile), checked by torch.compile
+    on a stand-in function so that a bad mode, backend or keyword fails before the model changes."""
+    if isinstance(compile, bool):
+        return {"dynamic": False} if compile else None
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile keyword arguments, got {type(compile).__name__}")
+    options = {"dynamic": False, **compile}
+    try:
+        torch.compile(_identity, **options)
+    except Exception as e:  # torch raises TypeError, RuntimeError or its own InvalidBackend
+        raise ValueError(f"compile={compile!r} is refused by torch.compile: {e}") from None
+    return options
+
+
+def _snapshot(model: nn.Module):
+    """What ``accelerate`` may change, kept so a failed call can be undone: every module's own
+    attributes (children, parameters, buffers, hooks, patched forwards, flags; dicts copied, the
+    dict objects themselves kept) and every parameter's data (block offload swaps it in place)."""
+    modules = []
+    for m in model.modules():
+        attrs = {k: (v, v.copy() if isinstance(v, dict) else None) for k, v in vars(m).items()}
+        modules.append((m, attrs))
+    data = [(p, p.data) for p in model.parameters()]
+    previous = getattr(model, _STATE_ATTR, None)
+    offloader = previous.get("offload") if previous else None
+    handles = list(offloader.handles) if offloader is not None else None
+    return modules, data, offloader, handles
+
+
+def _roll_back(snapshot) -> None:
+    modules, data, offloader, handles = snapshot
+    for m, attrs in modules:
+        current = vars(m)
+        for k in [k for k in current if k not in attrs]:
+            del current[k]
+        for k, (obj, contents) in attrs.items():
+            if contents is not None:
+                obj.clear()
+                obj.update(contents)
+            current[k] = obj
+    for p, d in data:
+        p.data = d
+    if offloader is not None:
+        offloader.handles = handles
+
+
 def accelerate(
     model: nn.Module,
     *,
@@ -237,11 +290,29 @@ def accelerate(
         from longcat.quant import resolve_config
 
         resolve_config(quantize)  # validate before changing anything
+    compile_options = _compile_options(compile)
 
+    snapshot = _snapshot(model)
+    try:
+        report = _patch(model, kind, ops, cp, bsa, quantize, offload, compile_options)
+    except BaseException:
+        offloader = (getattr(model, _STATE_ATTR, None) or {}).get("offload")
+        if offloader is not None and offloader.handles:
+            offloader.remove()  # puts the weights back before the module state is restored
+        _roll_back(snapshot)
+        raise
+    if verbose:
+        print(report)
+    return model
+
+
+def _patch(model, kind, ops, cp, bsa, quantize, offload, compile_options) -> AccelerationReport:
+    """Apply the checked settings (``accelerate`` undoes a partial patch if this raises)."""
     if getattr(model, _STATE_ATTR, None) is not None:
         restore(model)
 
     state = {"kind": kind, "ops_before": getattr(model, "ops", None), "bsa_before": [(b.attn.enable_bsa, b.attn.bsa_params) for b in model.blocks], "offload": None}
+    setattr(model, _STATE_ATTR, state)  # from here on, a failure can find the offloader to undo
     _set_bsa(model, bsa)
     if kind == "longcat":
         model.set_ops(ops)
@@ -268,21 +339,17 @@ def accelerate(
 
         state["offload"] = BlockOffloader(model.blocks)
         report.offload = "blocks"
-    if compile:
-        options = {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+    if compile_options is not None:
         for block in model.blocks:
             block._longcat_eager_forward = block.forward
-            block.forward = torch.compile(block.forward, **options)
+            block.forward = torch.compile(block.forward, **compile_options)
         report.compiled = True
     if cp is not None:
         report.context_parallel = f"{cp.size} ranks, split_hw {cp.split_hw}"
     if ops.attention_chunk_frames or ops.ffn_chunk_frames:
         report.chunking = f"blocks {ops.attention_chunk_frames or 'whole'}, FFN {ops.ffn_chunk_frames or ops.attention_chunk_frames}"
     state["report"] = report
-    setattr(model, _STATE_ATTR, state)
-    if verbose:
-        print(report)
-    return model
+    return report
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -8,12 +8,14 @@ temporaries) and for the fused kernels. Measure on the GPU to confirm (``longcat
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Union
 
 import torch
 
 from .model import LongCatVideoTransformer3DModel, ffn_hidden_size
+from .ops import ATTENTION_BACKENDS
 from .presets import get_preset
 
 __all__ = ["MemoryPlan", "plan_memory", "latent_grid_for_video"]
@@ -54,6 +56,12 @@ class MemoryPlan:
         lines += [f"    {k:<22} {v / GB:8.2f} GB" for k, v in sorted(self.phase_bytes.items(), key=lambda kv: -kv[1])]
         lines.append(f"  expected peak            {self.peak_bytes / GB:8.2f} GB")
         return "\n".join(lines)
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def _meta_model(config: dict, weights: str, dtype: torch.dtype):
@@ -111,10 +119,23 @@ def plan_memory(
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if offload not in (None, "blocks"):
         raise ValueError(f"offload must be None or 'blocks', got {offload!r}")
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    _check_count("batch", batch, 1)
+    _check_count("text_len", text_len, 0)
+    _check_count("num_cond_latents", num_cond_latents, 0)
     if latent is None:
         if None in (frames, height, width):
             raise ValueError("give latent=(T, H, W) or frames, height and width")
+        for name, value in (("frames", frames), ("height", height), ("width", width)):
+            _check_count(name, value, 1)
         latent = latent_grid_for_video(frames, height, width)
+    if isinstance(latent, (str, bytes)) or not hasattr(latent, "__len__") or len(latent) != 3:
+        raise ValueError(f"latent must be (T, H, W), three ints >= 1, got {latent!r}")
+    for name, value in zip("THW", latent):
+        _check_count(f"latent {name}", value, 1)
+    if num_cond_latents > latent[0]:
+        raise ValueError(f"num_cond_latents ({num_cond_latents}) exceeds the latent frames T={latent[0]}")
     for name, value in (("ffn_chunk_frames", ffn_chunk_frames), ("attention_chunk_frames", attention_chunk_frames)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be None or a positive int, got {value!r}")

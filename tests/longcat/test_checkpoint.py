@@ -9,6 +9,12 @@ from safetensors.torch import load_file, save_file
 from longcat import LongCatVideoTransformer3DModel, get_preset
 from longcat.checkpoint import CheckpointError, parse_size
 
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _shards(folder):
+    return sorted(set(json.load(open(os.path.join(folder, INDEX)))["weight_map"].values()))
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -27,9 +33,8 @@ def _same_weights(a, b):
 def test_round_trip(tiny, tmp_path, shard):
     tiny.save_pretrained(tmp_path, max_shard_size=shard)
     files = os.listdir(tmp_path)
-    sharded = shard == "400KB"
-    assert ("diffusion_pytorch_model.safetensors.index.json" in files) == sharded
-    assert not any(".tmp-" in f for f in files)
+    assert (len(_shards(tmp_path)) > 1) == (shard == "400KB")
+    assert sorted(files) == sorted(["config.json", INDEX] + _shards(tmp_path))
     loaded = LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path))
     _same_weights(tiny, loaded)
     assert not any(p.is_meta for p in loaded.parameters())
@@ -63,14 +68,20 @@ def test_folder_without_config(tmp_path):
 
 def test_missing_unexpected_misshaped(tiny, tmp_path):
     tiny.save_pretrained(tmp_path)
-    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    path = tmp_path / _shards(tmp_path)[0]
     sd = load_file(str(path))
     sd.pop("blocks.1.ffn.w2.weight")
     sd["blocks.0.extra.weight"] = torch.zeros(2)
     sd["blocks.0.attn.qkv.bias"] = torch.zeros(5)
     save_file(sd, str(path))
-    with pytest.raises(CheckpointError) as err:
+    index = json.load(open(tmp_path / INDEX))
+    index["weight_map"].pop("blocks.1.ffn.w2.weight")
+    index["weight_map"]["blocks.0.extra.weight"] = path.name
+    json.dump(index, open(tmp_path / INDEX, "w"))
+    with pytest.raises(CheckpointError, match="were saved"):  # the recorded size and CRC-32 catch it first
         LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError) as err:
+        LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path), verify=False)
     msg = str(err.value)
     assert "missing tensors: blocks.1.ffn.w2.weight" in msg
     assert "unexpected tensors: blocks.0.extra.weight" in msg
@@ -83,8 +94,10 @@ def test_truncated_and_missing_shard(tiny, tmp_path):
     victim = tmp_path / shards[-1]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"truncated or corrupted"):
+    with pytest.raises(CheckpointError, match=r"bytes where \d+ were saved \(truncated"):
         LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"truncated or corrupted"):
+        LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path), verify=False)
     victim.unlink()
     with pytest.raises(CheckpointError, match=r"missing shard"):
         LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path))
@@ -92,19 +105,27 @@ def test_truncated_and_missing_shard(tiny, tmp_path):
 
 def test_config_mismatch_is_refused(tiny, tmp_path):
     tiny.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"missing tensors: blocks.2"):
+        LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path), config=dict(get_preset("tiny"), depth=3))
+
+
+def test_edited_config_json_gives_way_to_the_saved_config(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
     cfg = json.load(open(tmp_path / "config.json"))
     cfg["depth"] = 3
     json.dump(cfg, open(tmp_path / "config.json", "w"))
-    with pytest.raises(CheckpointError, match=r"missing tensors: blocks.2"):
-        LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"differs from the config saved with the weights .*\['depth'\]"):
+        loaded = LongCatVideoTransformer3DModel.from_pretrained(str(tmp_path))
+    _same_weights(tiny, loaded)
 
 
 def test_single_file_needs_config(tiny, tmp_path):
     tiny.save_pretrained(tmp_path)
-    f = str(tmp_path / "diffusion_pytorch_model.safetensors")
+    f = str(tmp_path / _shards(tmp_path)[0])
     with pytest.raises(CheckpointError, match=r"needs config="):
         LongCatVideoTransformer3DModel.from_pretrained(f)
-    loaded = LongCatVideoTransformer3DModel.from_pretrained(f, config=get_preset("tiny"))
+    with pytest.warns(UserWarning, match="unverified"):
+        loaded = LongCatVideoTransformer3DModel.from_pretrained(f, config=get_preset("tiny"))
     _same_weights(tiny, loaded)
 
 

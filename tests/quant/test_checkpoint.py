@@ -42,7 +42,7 @@ def test_round_trip_bit_exact(tmp_path, MiniDiT_cls, dit_inputs, fmt):
     assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
     assert not [f for f in os.listdir(path) if ".tmp-" in f]
     cfg = json.load(open(os.path.join(path, "quantization_config.json")))
-    assert cfg["format"] == "longcat-quant" and cfg["format_version"] == 1 and cfg["quant_method"] == fmt
+    assert cfg["format"] == "longcat-quant" and cfg["format_version"] == 2 and cfg["quant_method"] == fmt
     assert cfg["skip"] == list(lq.DEFAULT_SKIP) and "blocks.0.attn.qkv" in cfg["modules"]
     loaded = lq.load_quantized(path, MiniDiT_cls)
     state_equal(model, loaded)
@@ -115,12 +115,14 @@ def test_failed_overwrite_keeps_previous_checkpoint(saved, MiniDiT_cls, monkeypa
 def test_overwrite_with_fewer_shards_removes_stale_ones(saved, MiniDiT_cls):
     model, path = saved
     lq.save_quantized(model, path, max_shard_size="1GB")
-    assert sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) == ["model-00001-of-00001.safetensors"]
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    assert len(shards) == 1 and shards[0].startswith("longcat-quant-") and shards[0].endswith("-00001-of-00001.safetensors")
+    assert sorted(os.listdir(path)) == sorted(shards + ["quantization_config.json"])
     state_equal(model, lq.load_quantized(path, MiniDiT_cls))
 
 
 def _shard_of(path, name):
-    return os.path.join(path, json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"][name])
+    return os.path.join(path, json.load(open(os.path.join(path, "quantization_config.json")))["weight_map"][name])
 
 
 def _rewrite_tensor(path, name, new):
@@ -168,21 +170,21 @@ def test_refuses_wrong_dtype(saved, MiniDiT_cls):
     model, path = saved
     _rewrite_tensor(path, "blocks.0.attn.qkv.weight_q", model.blocks[0].attn.qkv.weight_q.float())
     with pytest.raises(lq.CheckpointError, match=r"'blocks.0.attn.qkv.weight_q': checkpoint dtype torch.float32 where torch.int8 is required"):
-        lq.load_quantized(path, MiniDiT_cls)
+        lq.load_quantized(path, MiniDiT_cls, verify=False)
 
 
 def test_refuses_wrong_scale_dtype(saved, MiniDiT_cls):
     model, path = saved
     _rewrite_tensor(path, "blocks.0.attn.proj.weight_scale", model.blocks[0].attn.proj.weight_scale.bfloat16())
     with pytest.raises(lq.CheckpointError, match="weight_scale': checkpoint dtype torch.bfloat16 where torch.float32"):
-        lq.load_quantized(path, MiniDiT_cls)
+        lq.load_quantized(path, MiniDiT_cls, verify=False)
 
 
 def test_refuses_wrong_shape(saved, MiniDiT_cls):
     model, path = saved
     _rewrite_tensor(path, "blocks.0.ffn.w2.weight_q", model.blocks[0].ffn.w2.weight_q[:, :-1].contiguous())
     with pytest.raises(lq.CheckpointError, match=r"'blocks.0.ffn.w2.weight_q': checkpoint shape \[64, 175\] does not match the model's \[64, 176\]"):
-        lq.load_quantized(path, MiniDiT_cls)
+        lq.load_quantized(path, MiniDiT_cls, verify=False)
 
 
 def test_refuses_model_mismatch(saved, MiniDiT_cls):
@@ -199,13 +201,13 @@ def test_refuses_missing_tensor(saved, MiniDiT_cls):
     _, path = saved
     _rewrite_tensor(path, "blocks.1.attn.qkv.weight_scale", None)
     with pytest.raises(lq.CheckpointError, match="listed in the index"):
-        lq.load_quantized(path, MiniDiT_cls)
-    index_path = os.path.join(path, "model.safetensors.index.json")
+        lq.load_quantized(path, MiniDiT_cls, verify=False)
+    index_path = os.path.join(path, "quantization_config.json")
     index = json.load(open(index_path))
     del index["weight_map"]["blocks.1.attn.qkv.weight_scale"]
     json.dump(index, open(index_path, "w"))
     with pytest.raises(lq.CheckpointError, match=r"lacks 1 tensors the model needs, e.g. \['blocks.1.attn.qkv.weight_scale'\]"):
-        lq.load_quantized(path, MiniDiT_cls)
+        lq.load_quantized(path, MiniDiT_cls, verify=False)
 
 
 def test_refuses_unexpected_tensor_unless_not_strict(saved, MiniDiT_cls):
@@ -215,17 +217,19 @@ def test_refuses_unexpected_tensor_unless_not_strict(saved, MiniDiT_cls):
     tensors = load_file(shard)
     tensors["extra.tensor"] = torch.zeros(3)
     save_file(tensors, shard)
-    index_path = os.path.join(path, "model.safetensors.index.json")
+    index_path = os.path.join(path, "quantization_config.json")
     index = json.load(open(index_path))
     index["weight_map"]["extra.tensor"] = os.path.basename(shard)
     json.dump(index, open(index_path, "w"))
     with pytest.raises(lq.CheckpointError, match="does not have"):
-        lq.load_quantized(path, MiniDiT_cls)
-    state_equal(model, lq.load_quantized(path, MiniDiT_cls, strict=False))
+        lq.load_quantized(path, MiniDiT_cls, verify=False)
+    state_equal(model, lq.load_quantized(path, MiniDiT_cls, strict=False, verify=False))
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"format_version": 2}, "format version 2 of longcat-quant is not supported"),
+    ({"format_version": 3}, "format version 3 of longcat-quant is not supported"),
+    ({"weight_map": ["a", "b"]}, "'weight_map' must be a non-empty JSON object .* got a list"),
+    ({"shards": None}, "no 'shards' mapping"),
     ({"format": "gguf"}, "unrecognised quantization_config.json"),
     ({"modules": {"blocks.0.attn.qkv": {"weight": "int4", "activation": None}}}, "invalid per-layer"),
 ])

@@ -11,8 +11,9 @@ the packing costs no memory. ``ffn_gate`` then runs
   intermediate never reaches memory and a dynamic layer quantizes its input once, not twice.
 
 It falls back to the two separate layers (``ops.swiglu(w1(x), w3(x))``, the same math) whenever the
-packed weight would not be what the layers compute: a LoRA (or any) wrapper on ``w1``/``w3``'s
-``forward``, or weights that no longer alias the packed tensor (the model was moved or cast with
+packed weight would not be what the layers compute, or would lose their gradients: a LoRA (or
+any) wrapper on ``w1``/``w3``'s ``forward``, autograd on with ``w1``/``w3`` parameters that require
+gradients (training), or weights that no longer alias the packed tensor (the model was moved or cast with
 ``.to`` after ``accelerate``, or its tensors were replaced; checked in eager mode, and the stale
 packed tensor is then dropped: call ``accelerate`` after moving the model). ``unpack_ffn`` (``longcat.restore``) gives
 ``w1``/``w3`` storage of their own again.
@@ -135,6 +136,9 @@ def _usable_packed(ffn: nn.Module) -> Optional[Tuple[str, tuple]]:
         return None
     kind, packed = state
     if _kind(w1) != kind or _kind(w3) != kind:
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in (*w1.parameters(), *w3.parameters())):
+        # The packed tensor is not a parameter: training w1/w3 runs the layers so they get gradients.
         return None
     if not torch.compiler.is_compiling():
         # The halves must still be views of the packed tensors (``.to`` or a replaced weight breaks

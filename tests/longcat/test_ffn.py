@@ -28,6 +28,12 @@ def _inputs(gen):
     return random_inputs(gen, B=1, T=2, H=4, W=4, L=6)
 
 
+def _packed(ffn):
+    """The packed tensors an inference (no-grad) forward of ``ffn`` uses, or None."""
+    with torch.no_grad():
+        return _usable_packed(ffn)
+
+
 def _lora(linear: nn.Linear, gen, rank=4):
     """Upstream's LoRA: the target is found by name, its class name must be Linear/QuantizedLinear,
     and its ``forward`` is wrapped (org_forward(x) + up(down(x)) * scale)."""
@@ -44,15 +50,15 @@ def _lora(linear: nn.Linear, gen, rank=4):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pack_ffn_float_matches_two_layers(gen, dtype):
-    ffn = FeedForwardSwiGLU(48, 80).to(dtype)
+    ffn = FeedForwardSwiGLU(48, 80).to(dtype).requires_grad_(False)  # inference: the packed path runs
     x = torch.randn(3, 5, 48, generator=gen, dtype=dtype)
     expected = F.silu(ffn.w1(x)) * ffn.w3(x)
     names = dict(ffn.state_dict())
     assert pack_ffn(ffn) and is_packed(ffn) and pack_ffn(ffn)  # idempotent
-    assert _usable_packed(ffn) is not None
+    assert _packed(ffn) is not None
     # upstream's names and shapes; the halves are views of one [2H, K] tensor
     assert ffn.state_dict().keys() == names.keys() and all(torch.equal(ffn.state_dict()[k], v) for k, v in names.items())
-    packed = _usable_packed(ffn)[1][0]
+    packed = _packed(ffn)[1][0]
     assert packed.shape == (160, 48) and ffn.w3.weight.data_ptr() == packed[80:].data_ptr()
     got = ffn_gate(ffn, x, longcat.REFERENCE_OPS)
     torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
@@ -75,9 +81,27 @@ def test_pack_ffn_quantized_matches_two_layers(gen, fmt):
     ffn.w3 = QuantizedLinear.from_linear(ffn.w3, wdtype, dynamic)
     x = torch.randn(2, 9, 64, generator=gen)
     expected = F.silu(ffn.w1(x)) * ffn.w3(x)
-    assert pack_ffn(ffn) and _usable_packed(ffn)[0] == "quantized"
+    assert pack_ffn(ffn) and _packed(ffn)[0] == "quantized"
     assert ffn.w1.weight_q.dtype == wdtype and ffn.w1.weight_scale.shape == (40,)
     torch.testing.assert_close(ffn_gate(ffn, x, longcat.REFERENCE_OPS), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_w1_w3_gets_their_gradients(gen):
+    """With autograd on and trainable w1/w3 the layers run (the packed tensor is no parameter), so
+    the gradients match the unpacked FFN's; under no_grad the packed GEMM runs."""
+    torch.manual_seed(2)
+    ref = FeedForwardSwiGLU(24, 40)
+    ffn = FeedForwardSwiGLU(24, 40)
+    ffn.load_state_dict(ref.state_dict())
+    pack_ffn(ffn)
+    x = torch.randn(5, 24, generator=gen)
+    F.silu(ref.w1(x)).mul(ref.w3(x)).square().sum().backward()
+    ffn_gate(ffn, x, longcat.REFERENCE_OPS).square().sum().backward()
+    for name in ("w1", "w3"):
+        torch.testing.assert_close(getattr(ffn, name).weight.grad, getattr(ref, name).weight.grad)
+    assert _usable_packed(ffn) is None
+    with torch.no_grad():
+        assert _usable_packed(ffn) is not None
 
 
 def test_mismatched_pairs_are_not_packed():
@@ -102,7 +126,7 @@ def test_moved_weights_fall_back_to_the_layers(gen):
     with torch.no_grad():
         ffn.w1.weight.mul_(2)
     x = torch.randn(4, 24, generator=gen, dtype=torch.float64)
-    assert _usable_packed(ffn) is None
+    assert _packed(ffn) is None
     assert not is_packed(ffn)  # the stale packed copy is released
     torch.testing.assert_close(ffn_gate(ffn, x, longcat.REFERENCE_OPS), F.silu(ffn.w1(x)) * ffn.w3(x))
 
@@ -117,7 +141,7 @@ def test_accelerate_packs_and_restore_unpacks(gen, cls):
     m.eval().load_state_dict(ref.state_dict())
     keys = list(m.state_dict())
     accelerate(m, attention="reference", fused=True, ffn_chunk_frames=1)
-    assert all(is_packed(b.ffn) and _usable_packed(b.ffn) is not None for b in m.blocks)
+    assert all(is_packed(b.ffn) and _packed(b.ffn) is not None for b in m.blocks)
     assert any("packed into one GEMM in 2 of 2" in n for n in longcat.acceleration_report(m).notes)
     assert list(m.state_dict()) == keys
     with torch.no_grad():
@@ -150,7 +174,7 @@ def test_upstream_style_lora_on_packed_ffn(gen, quantize):
     if quantize:
         lq.quantize(m, quantize, include="blocks.*.ffn.w[13]")
     accelerate(m, attention="reference", fused=False)
-    assert all(_usable_packed(b.ffn) is not None for b in m.blocks)
+    assert all(_packed(b.ffn) is not None for b in m.blocks)
     assert type(m.blocks[0].ffn.w1).__name__ == ("QuantizedLinear" if quantize else "Linear")
     with torch.no_grad():
         without_lora = m(x, t, y, mask)
@@ -158,7 +182,7 @@ def test_upstream_style_lora_on_packed_ffn(gen, quantize):
     for b in m.blocks:
         _lora(b.ffn.w1, lora_gen)
         _lora(b.ffn.w3, lora_gen)
-    assert all(_usable_packed(b.ffn) is None for b in m.blocks)
+    assert all(_packed(b.ffn) is None for b in m.blocks)
     with torch.no_grad():
         got = m(x, t, y, mask)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
@@ -184,7 +208,7 @@ def test_lora_merged_before_accelerate_is_packed(gen):
             _lora(probe, lora_gen)
             lin.weight.copy_(probe(torch.eye(lin.in_features)).t())  # merged W + up @ down
     accelerate(m, attention="reference", fused=False)
-    assert all(_usable_packed(b.ffn) is not None for b in m.blocks)
+    assert all(_packed(b.ffn) is not None for b in m.blocks)
     with torch.no_grad():
         torch.testing.assert_close(m(x, t, y, mask), expected, rtol=1e-4, atol=2e-5)
 
@@ -209,7 +233,7 @@ def test_gpu_packed_ffn_real_shape(fmt):
         else:
             w1, w3 = ffn.w1.dequantized_weight(torch.float64), ffn.w3.dequantized_weight(torch.float64)
             oracle = F.silu(F.linear(x.double(), w1)) * F.linear(x.double(), w3)
-        assert pack_ffn(ffn) and _usable_packed(ffn) is not None
+        assert pack_ffn(ffn) and _packed(ffn) is not None
         packed = ffn_gate(ffn, x, kernel_ops())
     if fmt is None:
         assert_by_rule(packed, two_layers, oracle, atol=1e-2)

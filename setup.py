@@ -34,6 +34,8 @@ setup(
     extras_require={
         "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "hypothesis>=6.0"],
         "peers": ["bitsandbytes>=0.43", "optimum-quanto>=0.2"],
+        # longcat-bench pipeline: the UMT5 text encoder and the Wan VAE at real size (random weights)
+        "pipeline": ["transformers>=4.45", "diffusers>=0.33"],
     },
     entry_points={"console_scripts": ["longcat-bench=longcat.bench.cli:main"]},
 )

@@ -4,7 +4,7 @@
 DiT with random weights, timed, with peak memory and a summary table. Without a GPU it runs the
 small preset on the CPU and says so.
 
-Subcommands: model, kernels, memory, accuracy, report, compare, check (see ``--help`` of each).
+Subcommands: model, kernels, memory, accuracy, report, compare, check, pipeline, compile (see ``--help`` of each).
 """
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def cmd_model(args) -> int:
         ("latent (T, H, W)", f"{latent} x batch {args.batch} -> {tokens:,} tokens per sample"),
         ("forward time (median)", f"{timing.median_ms:,.1f} ms over {timing.repeats} runs ({timing.clock})"),
         ("throughput", f"{args.batch * tokens / (timing.median_ms / 1e3):,.0f} tokens/s"),
-        ("peak memory", _fmt_bytes(mem.report.peak_bytes) + (" (torch allocator)" if device.type == "cuda" else " (process RSS)")),
+        ("peak memory", f"{_fmt_bytes(mem.report.peak_bytes)} ({mem.report.peak_label})"),
         ("output", f"finite={finite}, std={record['output_std']:.4f}"),
     ]
     print_table(rows, title="longcat-bench model")
@@ -216,7 +216,11 @@ def _model_defaults(args, device):
 def _model_summary(records, title):
     from .compare import _fmt
 
-    head = ("configuration", "step ms", "tokens/s", "peak memory", "NVML peak", "planned peak", "rel. err vs ref", "status")
+    from .memory import CPU_PEAK_LABEL
+
+    cpu_only = not any((r.get("memory") or {}).get("torch_peak_allocated_bytes") for r in records)
+    head = ("configuration", "step ms", "tokens/s", "process peak RSS*" if cpu_only else "peak memory", "NVML peak",
+            "planned peak", "rel. err vs ref", "status")
     rows = [head]
     for r in records:
         mem = r.get("memory") or {}
@@ -231,6 +235,8 @@ def _model_summary(records, title):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if cpu_only:
+        print(f"  * {CPU_PEAK_LABEL}")
 
 
 def cmd_model_compare(args, kind: str = "model", name: str = "model_forward") -> int:
@@ -319,6 +325,8 @@ def _print_kernel_table(records):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if cpu_only:
+        print(f"  * {CPU_PEAK_LABEL}")
 
 
 def _accuracy_figures(device, dtypes, size, full_quant: bool, peers=(), progress=None) -> list:
@@ -371,6 +379,79 @@ def cmd_accuracy(args) -> int:
     return 1 if any(r.get("within_bound") is False for r in records) else 0
 
 
+def cmd_pipeline(args) -> int:
+    from .pipeline_bench import pipeline_packages, run_pipeline
+    from .progress import Progress
+    from .results import make_results
+
+    missing = pipeline_packages()
+    if missing:
+        print(f"longcat-bench pipeline needs the pipeline extra: {missing}", file=sys.stderr)
+        return 2
+    if args.stage == "refine" and args.resolution != "720p" or args.stage == "base" and args.resolution != "480p":
+        print(f"the {args.stage} stage runs at {'720p' if args.stage == 'refine' else '480p'}", file=sys.stderr)
+        return 2
+    device = _device(args)
+    notice = None if device.type == "cuda" else cpu_notice("the pipeline with small configs (UMT5, Wan VAE and DiT at toy widths)")
+    if notice:
+        print(notice, flush=True)
+    from longcat.pipeline_plan import STAGES
+
+    latent = None
+    if args.latent_frames:
+        latent = (args.latent_frames, *STAGES[args.stage]["latent"][1:]) if device.type == "cuda" else (args.latent_frames, 4, 8)
+    # The all-resident reference runs first, so it (not a budget run) pays for kernel compilation.
+    runs = list(dict.fromkeys(([None] if args.compare_resident else []) + [args.budget] + list(args.also_budgets or [])))
+    results = []
+    phases = (4 if args.stage == "refine" else 3) + args.steps - 1
+    with Progress(phases * len(runs), label="pipeline") as bar:
+        for budget in runs:
+            # On a GPU the tactics are those fitted for the stage's whole video, even when fewer frames run.
+            fit_latent = STAGES[args.stage]["latent"] if device.type == "cuda" else None
+            results.append(run_pipeline(args.stage, budget=budget, device=device, latent=latent, steps=args.steps,
+                                        seed=args.seed, progress=bar, fit_latent=fit_latent))
+    records = []
+    def steady_time(res):  # without the first denoising step (compilation, first copies) when there are more
+        times = [r.get("time_s", 0) for r in res["records"]]
+        steps = [r.get("time_s", 0) for r in res["records"] if r["phase"] == "denoising step"]
+        return sum(times) - (steps[0] if len(steps) > 1 else 0)
+
+    resident_time = next((steady_time(res) for res in results if res["budget"] is None), None)
+    for res in results:
+        print(f"\n{res['config']}: {res['tactics']}" + (f" (memory fraction {res['memory_fraction']:.4f})" if res["memory_fraction"] else ""))
+        if device.type == "cuda":  # allocator peak (weights included) against the planned peak
+            head = ("phase", "time s", "measured peak", "NVML peak", "planned peak", "measured/planned", "status")
+        else:  # tensors the phase created (weights not counted); toy widths in fp32: no comparison with the plan
+            head = ("phase", "time s", "live tensors peak", "", "planned activations (bf16, full plan)", "", "status")
+        rows = [head]
+        for r in res["records"]:
+            measured = r.get("measured_peak_bytes") or r.get("live_tensor_peak_bytes")
+            planned = r["planned_peak_bytes"] if device.type == "cuda" else r.get("planned_activation_bytes")
+            ratio = f"{measured / planned:.2f}" if measured and planned and device.type == "cuda" else ""
+            rows.append((r["phase"], f"{r['time_s']:.3f}" if "time_s" in r else "", _fmt_bytes(measured) if measured else "",
+                         _fmt_bytes(r.get("nvml_peak_used_bytes")) if r.get("nvml_peak_used_bytes") else "",
+                         _fmt_bytes(planned) + " (planned)" if planned else "", ratio, r["status"]))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+        for i, row in enumerate(rows):
+            print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                print("  " + "  ".join("-" * w for w in widths))
+        total = sum(r.get("time_s", 0) for r in res["records"])
+        summary = dict(name="pipeline_run", config=res["config"], tactics=res["tactics"], plan=res["plan"], total_time_s=total,
+                       output_finite=res["output_finite"], budget=res["budget"], memory_fraction=res["memory_fraction"],
+                       status="ok" if all(r["status"] == "ok" for r in res["records"]) else "failed")
+        summary["steady_time_s"] = steady_time(res)
+        if resident_time and res["budget"] is not None:
+            summary["time_vs_all_resident"] = summary["steady_time_s"] / resident_time
+            print(f"  total {total:.2f} s, {summary['time_vs_all_resident']:.2f}x the all-resident run (without the first step)")
+        else:
+            print(f"  total {total:.2f} s")
+        records += res["records"] + [summary]
+    extra = {"notice": notice} if notice else {}
+    _write(make_results("pipeline", records, extra=extra), args.json)
+    return 0 if all(r["status"] == "ok" for r in records) and all(res["output_finite"] for res in results) else 1
+
+
 def cmd_report(args) -> int:
     from .report import default_inputs, write_report
 
@@ -380,6 +461,12 @@ def cmd_report(args) -> int:
     text, note = write_report(inputs, args.output, args.plots_dir)
     print(f"{args.output} written from {len(inputs)} results file(s)" + (f"; {note}" if note else ""))
     return 0
+
+
+def cmd_compile(args) -> int:
+    from .compile_report import main_compile
+
+    return main_compile(args, args.argv)
 
 
 def cmd_compare(args) -> int:
@@ -482,20 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(m, warmup=1, repeats=3):
         m.add_argument("--preset", choices=["tiny", "small", "longcat-video"], help="model size (default: small on CPU, longcat-video on GPU)")
         m.add_argument("--latent", type=positive_int, nargs=3, metavar=("T", "H", "W"), help="latent grid before patching (default CPU 4 16 16, GPU 24 60 104 = 480p)")
-        m.add_argument("--batch", type=positive_int, default=1)
-        m.add_argument("--text-len", type=positive_int, default=32)
+        m.add_argument("--batch", type=positive_int, default=1, help="samples per forward pass (default 1; 2 = classifier-free guidance)")
+        m.add_argument("--text-len", type=positive_int, default=32, help="prompt tokens per sample for cross-attention (default 32)")
         m.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on GPU")
         m.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-        m.add_argument("--warmup", type=non_negative_int, default=warmup)
-        m.add_argument("--repeats", type=positive_int, default=repeats)
-        m.add_argument("--seed", type=int, default=0)
+        m.add_argument("--warmup", type=non_negative_int, default=warmup, help=f"untimed forward passes first (default {warmup})")
+        m.add_argument("--repeats", type=positive_int, default=repeats, help=f"timed forward passes; the median is reported (default {repeats})")
+        m.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
         m.add_argument("--json", help="also write the results JSON here")
 
     from .model_bench import MODEL_CONFIGS
 
     m = sub.add_parser("model", help="time one DiT forward pass with random weights (the default command)")
     model_options(m)
-    m.add_argument("--ops", choices=["reference", "sdpa"], default="sdpa")
+    m.add_argument("--ops", choices=["reference", "sdpa"], default="sdpa",
+                   help="op table: reference (exact eager math) or sdpa (PyTorch fused attention; default)")
     m.add_argument("--compare", action="store_true", help="run reference (SDPA_OPS) and the accelerated configurations in one run")
     m.add_argument("--configs", nargs="+", choices=list(MODEL_CONFIGS), help="with --compare: which configurations (default: all)")
     m.set_defaults(func=cmd_model)
@@ -528,6 +616,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", help="also write the results JSON here")
     a.set_defaults(func=cmd_accuracy)
 
+    pl = sub.add_parser("pipeline", help="the whole pipeline phase by phase: measured and planned peak memory, time (needs the pipeline extra)")
+    pl.add_argument("--stage", choices=["refine", "base"], default="refine")
+    pl.add_argument("--resolution", choices=["720p", "480p"], default="720p")
+    pl.add_argument("--budget", help="memory budget, e.g. 8GB: tactics fitted to it; on a GPU enforced with a memory fraction")
+    pl.add_argument("--also-budgets", nargs="+", metavar="BUDGET", help="more budgets to run in the same call")
+    pl.add_argument("--compare-resident", action="store_true", help="also run with everything resident (the time reference)")
+    pl.add_argument("--latent-frames", type=int, help="run fewer latent frames than the stage's (same height and width; "
+                    "on a GPU the tactics stay those fitted for the whole stage)")
+    pl.add_argument("--steps", type=int, default=1, help="denoising steps (default 1)")
+    pl.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--json", help="also write the results JSON here")
+    pl.set_defaults(func=cmd_pipeline)
+
     r = sub.add_parser("report", help="render BENCHMARKS.md (and PNG plots) from results files")
     r.add_argument("inputs", nargs="*", help="results files (default: bench/results/*.json and bench/baseline/cpu.json)")
     r.add_argument("--output", default="BENCHMARKS.md")
@@ -553,6 +655,20 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--json", help="also write this run's figures here")
     ck.add_argument("--verbose", action="store_true", help="print every compared value")
     ck.set_defaults(func=cmd_check)
+
+    cc = sub.add_parser("compile", help="compile every kernel's launch configs at the real shapes for a GPU arch, "
+                        "without a GPU: registers, spills, shared memory, tensor cores, pipeline depth")
+    cc.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80 (default 90)")
+    cc.add_argument("--sizes", nargs="+", choices=["480p", "720p"], default=["480p", "720p"])
+    cc.add_argument("--ops", nargs="+", metavar="OP", help="only cases whose name starts with one of these")
+    cc.add_argument("--hot", action="store_true", help="only the inference-path cases (what the CI gate compiles)")
+    cc.add_argument("--fail", action="store_true", help="exit 1 when a config fails to compile, spills or exceeds shared memory")
+    cc.add_argument("--verbose", action="store_true", help="print each compilation as it starts")
+    cc.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compilations at a time (default: up to 2)")
+    cc.add_argument("--cache", help="JSON file of static stats per kernel specialisation, read and rewritten "
+                    "(only compilations whose kernel source, specialisation and Triton version match are reused)")
+    cc.add_argument("--json", help="write the results JSON here (e.g. bench/results/compile-sm90.json)")
+    cc.set_defaults(func=cmd_compile)
     return p
 
 
@@ -580,6 +696,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if as_program:
         _reexec_with_interpreter(argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     try:
         for option in ("json", "output"):
             _check_output(getattr(args, option, None), "--" + option)

@@ -1,16 +1,18 @@
 """Peak memory of a region: PyTorch's allocator statistics and, on NVIDIA GPUs, NVML's view of
-the whole device (used memory, SM clock, power); on the CPU, the process's peak resident set."""
+the whole device (used memory, SM clock, power); on the CPU, the process's peak resident set
+(labelled as such wherever it is printed: it is not a per-region or per-model figure)."""
 from __future__ import annotations
 
 import resource
 import sys
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["MemoryReport", "track_memory", "nvml_snapshot"]
+__all__ = ["MemoryReport", "track_memory", "nvml_snapshot", "LiveTensorBytes", "CPU_PEAK_LABEL"]
 
 GiB = 1024**3
 
@@ -33,6 +35,19 @@ class MemoryReport:
     def peak_bytes(self) -> Optional[int]:
         """The number to report: torch's peak allocation on a GPU, peak RSS on the CPU."""
         return self.torch_peak_allocated_bytes if self.device.startswith("cuda") else self.cpu_peak_rss_bytes
+
+    @property
+    def peak_label(self) -> str:
+        """What ``peak_bytes`` measures, to print beside it. The CPU has no allocator statistics:
+        its figure is the process's peak resident set, which includes PyTorch's own footprint
+        and never decreases, so it is not what one model or configuration allocates."""
+        if self.device.startswith("cuda"):
+            return "torch allocator peak"
+        return CPU_PEAK_LABEL
+
+
+CPU_PEAK_LABEL = ("process peak RSS since start: includes PyTorch itself and never decreases, "
+                  "so it is not what the model allocates")
 
 
 def _nvml_handle(index: int):
@@ -112,3 +127,53 @@ class track_memory:
         rep.cpu_peak_rss_bytes = _cpu_peak_rss()
         self.report = rep
         return False
+
+
+class LiveTensorBytes:
+    """Context manager counting the bytes of tensor storages created inside it that are still
+    alive, and their peak: an allocator-free view of an activation peak, on any device, the meta
+    device included (so real sizes can be traced without memory). Tensors that existed before
+    (weights, inputs) are not counted; freed means no Python reference to any view is left."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter._track(out)
+                return out
+
+        self.live = self.peak = 0
+        self._refs: dict = {}
+        self._mode = _Mode()
+
+    def _drop(self, key, nbytes):
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def _track(self, out):
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage._cdata, storage.nbytes()
+            if key not in self._refs:
+                self._refs[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self._refs[key] += 1
+            weakref.finalize(t, self._drop, key, nbytes)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -146,6 +146,84 @@ def _pytest_benchmark_table(doc: dict) -> str:
     return _table(["benchmark", "median ms", "rounds", "TFLOP/s", "GB/s", "peak GiB"], rows)
 
 
+STATIC_CHANGES_SCHEMA = "longcat-static-changes/1"
+
+
+def _kb(v) -> str:
+    return "" if v is None else f"{v / 1024:.0f}"
+
+
+def _constexpr_text(ce: dict) -> str:
+    keep = [(k, v) for k, v in (ce or {}).items() if k.startswith(("BLOCK", "ROWS", "TILE", "Q_SPLIT", "K_SPLIT", "NK_PAD", "GROUP"))
+            or k in ("QUANT", "SWIGLU", "A8", "INT_ACC", "HAS_BIAS", "INVERSE")]
+    return " ".join(f"{k}={v}" for k, v in keep)
+
+
+def _compiled_section(docs: List[Tuple[str, dict]]) -> List[str]:
+    """The "Compiled, not run" section: static facts of every launch config from `longcat-bench
+    compile`, the model line per op, and the before/after tables of static-changes files."""
+    compile_docs = [(p, d) for p, d in docs if d.get("kind") == "compile"]
+    change_docs = [(p, d) for p, d in docs if d.get("schema") == STATIC_CHANGES_SCHEMA]
+    if not compile_docs and not change_docs:
+        return []
+    lines = ["## Compiled, not run", "",
+             "Static facts of the compiled GPU code, read on a machine without a GPU (ptxas, the kernel metadata, the",
+             "TTGIR and the SASS); nothing here was run or timed. Each row is a launch config a launcher picks at the",
+             "real shape (for autotuned kernels, every config pruning keeps: autotuning picks one of them on the GPU).",
+             "\"model ms\" is the time the H200 ceilings allow for the bytes and FLOPs the op must move and do (copy",
+             "4.3 TB/s, bf16 790 TFLOP/s, fp8/int8 1979 TFLOP/s datasheet): a model, not a measurement. Block-sparse",
+             "attention counts the K/V of every selected tile once per query tile that selects it (no L2 reuse): an",
+             "upper bound on its bytes. \"released inference path\": the op runs in a denoising step of the released",
+             "model (these are the configs the CI compile gate checks at 720p); \"no\": backward (LoRA training) or",
+             "varlen cross-attention (the released model pads text to 512 tokens).", ""]
+    for path, doc in compile_docs:
+        rel = os.path.relpath(path) if os.path.isabs(path) else path
+        recs = doc.get("records", [])
+        configs = [r for r in recs if r.get("name") == "compiled_config"]
+        bad = [r for r in configs if r.get("status") != "ok"]
+        lines += [f"### Triton {doc.get('triton', '')}: `{rel}`", "", f"Command: `{doc.get('command')}`", "",
+                  f"Machine: {_machine_line(doc)}", "",
+                  f"{len(configs)} launch configs of {len({r['kernel'] for r in configs})} kernels; "
+                  f"{len(bad)} fail (compile error, spills, or shared memory over the limit).", ""]
+        for arch in doc.get("archs", sorted({r.get("arch") for r in recs})):
+            for size in doc.get("sizes", []):
+                cases = [r for r in recs if r.get("name") == "compile_case" and r.get("arch") == arch and r.get("size") == size]
+                if not cases:
+                    continue
+                lines += [f"#### sm_{arch}, {size}: model per op", ""]
+                lines.append(_table(["op", "released inference path", "MB moved", "GFLOP", "bound", "model ms", "status"],
+                                    [[c["op"], "yes" if c.get("hot") else "no", _f((c.get("model") or {}).get("bytes", 0) / 1e6, "{:,.0f}"),
+                                      _f((c.get("model") or {}).get("flops", 0) / 1e9, "{:,.1f}"), (c.get("model") or {}).get("bound", ""),
+                                      _f((c.get("model") or {}).get("model_ms"), "{:.3f}"), _status(c)] for c in cases]) + "\n")
+                rows = []
+                for r in configs:
+                    if r.get("arch") != arch or r.get("size") != size:
+                        continue
+                    cand = f" (1 of {r['autotune_candidates']})" if r.get("autotune_candidates") else ""
+                    rows.append([r["op"], f"`{r['kernel']}`", _constexpr_text(r.get("constexprs")) + f" w={r['num_warps']} s={r['num_stages']}{cand}",
+                                 "x".join(map(str, r.get("grid", []))), _f(r.get("registers"), "{}"),
+                                 f"{r.get('spill_stores') or 0}/{r.get('spill_loads') or 0}",
+                                 f"{_kb(r.get('shared_bytes'))} / {_kb(r.get('shared_limit'))}", _f(r.get("ctas_per_sm"), "{}"),
+                                 r.get("wgmma", 0), r.get("mma_sync", 0), r.get("tma", 0), _f(r.get("tiles_in_flight"), "{}"),
+                                 " ".join(a.split(")")[0] for a in r.get("advisories", [])), _f(r.get("main_loop_instructions"), "{}"),
+                                 "ok" if r.get("status") == "ok" else f"FAIL: {r.get('reason', '')}"])
+                lines += [f"#### sm_{arch}, {size}: launch configs", ""]
+                lines.append(_table(["op", "kernel", "config", "grid", "regs", "spill st/ld B", "shared KB / limit", "CTAs/SM",
+                                     "wgmma", "mma.sync", "TMA", "tiles in flight", "ptxas advisories", "main-loop SASS", "status"], rows) + "\n")
+    for path, doc in change_docs:
+        rel = os.path.relpath(path) if os.path.isabs(path) else path
+        lines += [f"### Before / after: {doc.get('area', '')} (sm_{doc.get('arch', 90)}, `{rel}`)", ""]
+        keys = ["registers", "spills", "shared_bytes", "tiles_in_flight", "main_loop_instructions", "wgmma"]
+        rows = []
+        for r in doc.get("rows", []):
+            before, after = r.get("before") or {}, r.get("after") or {}
+            rows.append([f"`{r.get('kernel', '')}`", r.get("shape", ""), r.get("config", "")]
+                        + [f"{_f(before.get(k), '{}')} -> {_f(after.get(k), '{}')}" for k in keys] + [r.get("note", "")])
+        lines.append(_table(["kernel", "shape", "config", "registers", "spills B", "shared B", "tiles in flight",
+                             "main-loop SASS", "wgmma", "note"], rows) + "\n")
+    return lines
+
+
 def _is_gpu(doc: dict) -> bool:
     return bool((doc.get("machine") or doc.get("machine_info") or {}).get("gpu"))  # None / "" on a CPU run
 
@@ -166,6 +244,8 @@ def render_markdown(docs: List[Tuple[str, dict]], plots: Optional[List[str]] = N
     lines += ["", "Then commit `bench/results/*.json` and this file.", ""]
     for path, doc in docs:
         rel = os.path.relpath(path) if os.path.isabs(path) else path
+        if doc.get("kind") == "compile" or doc.get("schema") == STATIC_CHANGES_SCHEMA:
+            continue  # rendered in the "Compiled, not run" section
         if "benchmarks" in doc and "records" not in doc:  # a pytest-benchmark JSON file
             lines += [f"## pytest-benchmark: `{rel}`", "", f"Machine: {doc.get('machine_info', {}).get('gpu') or doc.get('machine_info', {}).get('cpu', {}).get('brand_raw', 'CPU')}; "
                       f"commit `{(doc.get('commit_info') or {}).get('id')}`; {doc.get('datetime')}", "",
@@ -191,6 +271,7 @@ def render_markdown(docs: List[Tuple[str, dict]], plots: Optional[List[str]] = N
                 lines.append(_accuracy_tables([r for r in recs if r.get("name") == "memory_plan"]))
         else:
             lines.append(_kernel_table(recs) if any(r.get("name") == "kernel" for r in recs) else _accuracy_tables(recs))
+    lines += _compiled_section(docs)
     if plots:
         lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({p})" for p in plots] + [""]
     if plot_note:

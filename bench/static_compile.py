@@ -227,3 +227,32 @@ def compile_static(fn, signature: Mapping[str, str], constexprs: Mapping[str, An
                            compile_s=time.perf_counter() - start)
     return analyze_compiled(compiled, kernel=name, arch=arch, num_warps=num_warps, num_stages=num_stages,
                             constexprs=constexprs, compile_s=time.perf_counter() - start)
+
+
+def launch_specialization(launch, arch: int = 90) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of a recorded launch (``longcat.kernels._capture``),
+    computed by Triton's own argument binder for ``sm_<arch>``: the same dtype, 16-byte alignment
+    and integer specialisation a real launch on that GPU would compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, dict(launch.kwargs), bound_args, specialization, options)
+    names = set(fn.arg_names)
+    launch_options = {k: v for k, v in launch.kwargs.items() if k not in names}
+    return signature, constexprs, attrs, launch_options
+
+
+def compile_launch(launch, arch: int = 90) -> StaticStats:
+    """Compile a recorded launch exactly as specialised for ``sm_<arch>`` and analyse it."""
+    signature, constexprs, attrs, options = launch_specialization(launch, arch)
+    named = {name: value for name, value in launch.named_args().items() if signature.get(name) == "constexpr"}
+    stats = compile_static(launch.kernel, signature, constexprs, num_warps=launch.num_warps,
+                           num_stages=launch.num_stages, arch=arch, attrs=attrs,
+                           options={k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
+    stats.constexprs = named
+    return stats

@@ -98,14 +98,10 @@ def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
     (90 = sm_90) the capability guards see. CPU tensors under ``TRITON_INTERPRET=1`` are recorded
     too (the same launch logic, for comparing with a real interpreted launch)."""
     from triton.runtime import autotuner, jit
+    from triton.runtime.interpreter import InterpretedFunction
 
     launches: list[Launch] = []
-    kernel_classes = [jit.JITFunction]
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        kernel_classes.append(InterpretedFunction)
-    except ImportError:  # pragma: no cover - every supported Triton has the interpreter
-        pass
+    kernel_classes = [jit.JITFunction, InterpretedFunction]
 
     def record_run(self, *args, grid, warmup, **kwargs):
         if not warmup:

@@ -6,21 +6,25 @@ their configs with :func:`fits` before autotuning (``prune_configs_by={"early_co
 or a static choice), using estimates of the two resources that reject configs on Hopper:
 
 - shared memory per block: the software pipeline keeps ``num_stages`` copies of every operand tile
-  it streams, as loaded (Triton allocates one buffer per stage; a weight dequantised in registers
-  needs no extra buffer), and the epilogue's layout conversion reuses the pipeline buffers, so it
-  counts only when larger;
+  it streams, as loaded (Triton allocates one buffer per stage), plus one more B tile when B is
+  converted in registers (a dequantised 8-bit weight); the epilogue's layout conversion reuses the
+  pipeline buffers, so it counts only when larger;
 - registers per thread: fp32/int32 accumulators (``BLOCK_M * BLOCK_N`` per accumulator, spread over
   the block's threads), plus registers for operands converted in registers, plus addresses,
   masks and loop state. ptxas caps a thread at 255 registers and spills beyond it.
 
 The estimates are calibrated against ptxas and Triton's allocator for sm_90 (``longcat-bench
-compile`` reports the real numbers for every config a launcher can pick) and err on the safe side.
+compile`` reports the real numbers for every config a launcher can pick) and err on the safe side:
+shared memory is exact or over-estimated for every quantized-GEMM config compiled; registers are an
+estimate of what a config needs, while ptxas may choose to stay lower and spill (Triton 3.7.1 keeps
+the W8A16-fp8 32x128x128 4-warp config at 128 registers with 8 spilled bytes), so the compile gate,
+not this rule, is the final word.
 
 API:
 - ``ARCH_LIMITS[arch]``: per-architecture limits (shared memory per block/SM, registers, threads);
 - ``TileShape``: what a config streams (tile sizes, element sizes, operand/accumulator counts);
 - ``dot_shared_bytes(tile, num_stages)`` and ``dot_registers(tile, num_warps)``: the estimates;
-- ``fits(tile, num_warps, num_stages, arch)``: both within the limits (with the register margin);
+- ``fits(tile, num_warps, num_stages, arch)``: both within the limits of ``sm_<arch>``;
 - ``prune_configs(configs, tile_of, arch)``: the ``triton.Config`` list minus the configs that do
   not fit; ``tile_of(config)`` builds the ``TileShape`` of a config.
 """
@@ -49,8 +53,10 @@ ARCH_LIMITS: dict[int, dict[str, int]] = {
 
 MAX_REGISTERS_PER_THREAD = 255
 # Registers a tiled kernel needs besides accumulators and converted operands (addresses, masks,
-# loop counters, epilogue temporaries); calibrated on sm_90 compiles of the quantized GEMM.
-_BASE_REGISTERS = 64
+# loop counters, epilogue temporaries) and per accumulator; calibrated on sm_90 compiles of the
+# quantized GEMM with Triton 3.7.1 (it rejects every large-M config that spills there).
+_BASE_REGISTERS = 56
+_REGISTERS_PER_ACCUMULATOR_EPILOGUE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +65,10 @@ class TileShape:
 
     ``a_bytes``/``b_bytes``: element sizes of the A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N]
     tiles as loaded; ``b_operands``: B tiles per K step (2 for a fused w1|w3 SwiGLU GEMM);
-    ``accumulators``: [BLOCK_M, BLOCK_N] fp32/int32 accumulators; ``b_convert_bytes``: element size
-    B is converted to in registers before the MMA (0 when it feeds the MMA as loaded);
-    ``out_bytes``: element size of the stored output tile.
+    ``accumulators``: [BLOCK_M, BLOCK_N] fp32/int32 accumulators; ``b_convert_bytes``: register
+    bytes per B element converted in registers before the MMA (0 when B feeds the MMA as loaded;
+    the target element size for int8 -> fp16/bf16; 4 for float8_e4m3fn, which converts through
+    wider intermediates).
     """
 
     block_m: int
@@ -72,29 +79,27 @@ class TileShape:
     b_operands: int = 1
     accumulators: int = 1
     b_convert_bytes: int = 0
-    out_bytes: int = 2
 
 
 def dot_shared_bytes(tile: TileShape, num_stages: int) -> int:
-    """Estimated shared memory (bytes) of one block: the pipelined operand buffers, or the
-    epilogue's layout conversion when that is larger."""
+    """Estimated shared memory (bytes) of one block: the pipelined operand buffers (plus one more
+    B tile as loaded when B is converted in registers), or the epilogue's layout conversion when
+    that is larger."""
     stages = max(1, int(num_stages))
     a_tile = tile.block_m * tile.block_k * tile.a_bytes
-    b_tile = tile.block_k * tile.block_n * tile.b_bytes * tile.b_operands
-    pipeline = stages * (a_tile + b_tile)
+    b_tile = tile.block_k * tile.block_n * tile.b_bytes
+    pipeline = stages * (a_tile + b_tile * tile.b_operands) + (b_tile if tile.b_convert_bytes else 0)
     epilogue = tile.block_m * tile.block_n * 4
     return max(pipeline, epilogue)
 
 
 def dot_registers(tile: TileShape, num_warps: int) -> int:
-    """Estimated registers per thread: accumulators, operands converted in registers, and a base."""
+    """Estimated registers per thread: accumulators, one B tile converted in registers (the B
+    operands of a step are converted one after the other), and a base."""
     threads = 32 * int(num_warps)
     acc = tile.accumulators * tile.block_m * tile.block_n // threads
-    converted = 0
-    if tile.b_convert_bytes:
-        # the converted B tile passes through registers on its way back to shared memory
-        converted = tile.b_operands * tile.block_k * tile.block_n * tile.b_convert_bytes // (4 * threads)
-    return acc + converted + _BASE_REGISTERS
+    converted = tile.block_k * tile.block_n * tile.b_convert_bytes // (4 * threads)
+    return acc + converted + _BASE_REGISTERS + _REGISTERS_PER_ACCUMULATOR_EPILOGUE * tile.accumulators
 
 
 def fits(tile: TileShape, num_warps: int, num_stages: int, arch: int = 90) -> bool:
@@ -106,5 +111,9 @@ def fits(tile: TileShape, num_warps: int, num_stages: int, arch: int = 90) -> bo
 
 
 def prune_configs(configs: Sequence, tile_of: Callable[[object], TileShape], arch: int = 90) -> list:
-    """The ``triton.Config`` objects of ``configs`` that fit ``sm_<arch>`` (order kept)."""
-    return [c for c in configs if fits(tile_of(c), c.num_warps, c.num_stages, arch)]
+    """The ``triton.Config`` objects of ``configs`` that fit ``sm_<arch>`` (order kept). Raises a
+    ValueError naming the rejected configs when none fits: a launcher must offer one that does."""
+    kept = [c for c in configs if fits(tile_of(c), c.num_warps, c.num_stages, arch)]
+    if configs and not kept:
+        raise ValueError(f"no config fits sm_{arch} (shared memory / registers): {[str(c) for c in configs]}")
+    return kept

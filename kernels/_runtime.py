@@ -3,12 +3,18 @@ one-time fallback warning, and the input checks that give clear errors.
 
 An op runs its Triton kernel when its tensors live on a CUDA device, or on the CPU when the
 Triton interpreter is switched on (``TRITON_INTERPRET=1`` set before triton is imported; this is
-how the test-suite exercises the kernels without a GPU). Otherwise the public function falls back
-to the op's pure-PyTorch ``*_reference`` and warns once per op.
+how the test-suite exercises the kernels without a GPU) and none of them is bfloat16: the
+interpreter cannot compute in bfloat16 (``tl.dot`` multiplies raw bit patterns), so such calls
+take the reference path rather than return wrong numbers. Otherwise the public function falls
+back to the op's pure-PyTorch ``*_reference``. A process gets one warning per reason for falling
+back, naming the first op; every op that falls back is logged once at INFO level
+(``logging.getLogger("longcat.kernels")``).
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import warnings
 from typing import Iterable, Sequence
 
@@ -26,6 +32,15 @@ __all__ = [
 ]
 
 _WARNED: set[str] = set()
+_LOGGER = logging.getLogger("longcat.kernels")
+# Why the latest triton_runs_on call in this thread said no; fallback_warning reads it, because
+# every launcher calls fallback_warning right after triton_runs_on refused its tensors.
+_REFUSAL = threading.local()
+
+_NO_DEVICE = "no CUDA device and TRITON_INTERPRET is not set"
+_BF16_IN_INTERPRETER = "the Triton CPU interpreter cannot compute in bfloat16"
+_MIXED_DEVICES = "the tensors are not all on one CUDA device (or all on the CPU under the interpreter)"
+_UNSUPPORTED = "this device does not support the Triton kernel for these inputs"
 
 # (major, minor) compute capability while ``longcat.kernels._capture.capture_launches`` records
 # launches on meta tensors: they then count as tensors of such a CUDA device.
@@ -37,17 +52,30 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_runs_on(*tensors: torch.Tensor) -> bool:
-    """Whether a Triton kernel can take these tensors as they are (all on one CUDA device, or on
-    the CPU with the interpreter on)."""
-    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+def _refusal_reason(tensors) -> str | None:
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    devices = {t.device.type for t in tensors}
     if devices == {"cuda"}:
-        return True
+        return None
     if devices == {"cpu"}:
-        return interpreter_enabled()
-    if devices == {"meta"}:
-        return _capture_capability is not None
-    return False
+        if not interpreter_enabled():
+            return _NO_DEVICE
+        if any(t.dtype == torch.bfloat16 for t in tensors):
+            return _BF16_IN_INTERPRETER
+        return None
+    if devices == {"meta"} and _capture_capability is not None:
+        return None
+    return _MIXED_DEVICES
+
+
+def triton_runs_on(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take these tensors as they are: all on one CUDA device, or
+    all on the CPU with the interpreter on and none of them bfloat16 (which the interpreter
+    computes wrongly), or meta tensors while launches are being captured. ``None`` entries
+    (absent optional inputs) are ignored."""
+    reason = _refusal_reason(tensors)
+    _REFUSAL.reason = reason
+    return reason is None
 
 
 def device_capability(*tensors: torch.Tensor) -> tuple[int, int] | None:
@@ -81,10 +109,20 @@ def warn_once(key: str, message: str) -> None:
 FP8_NEEDS_SM89 = "float8_e4m3fn kernels need a GPU of compute capability 8.9 or later"
 
 
-def fallback_warning(op: str, reason: str = "no CUDA device and TRITON_INTERPRET is not set") -> None:
+def fallback_warning(op: str, reason: str | None = None) -> None:
+    """Record that ``op`` runs its pure-PyTorch reference: one warning per reason per process
+    (naming this first op), one INFO log line per op. Call it right after ``triton_runs_on``
+    refused the op's tensors, or pass the ``reason`` of an op-specific check that failed."""
+    reason = reason or getattr(_REFUSAL, "reason", None) or _UNSUPPORTED
+    _REFUSAL.reason = None
+    if f"fallback-op:{op}" not in _WARNED:
+        _WARNED.add(f"fallback-op:{op}")
+        _LOGGER.info("longcat.kernels.%s runs its reference: %s", op, reason)
     warn_once(
-        f"fallback:{op}",
-        f"longcat.kernels.{op}: {reason}; using the pure-PyTorch reference implementation (correct, not fast).",
+        f"fallback:{reason}",
+        f"longcat.kernels: {reason}; ops run their pure-PyTorch reference implementations "
+        f"(correct, not fast), starting with {op}. This warning is shown once; "
+        "logging.getLogger('longcat.kernels') lists each op at INFO level.",
     )
 
 

@@ -109,11 +109,12 @@ def fp8_dynamic_linear_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtyp
 # Triton kernels: W8A8 (8-bit x 8-bit) and W8A16 (8-bit weight, 16/32-bit activations)
 # ----------------------------------------------------------------------------------------------
 
-def _fits(cfg, x_bytes: int, swiglu: bool, promote_fp8: bool = False, weight_in_registers: bool = False) -> bool:
+def _fits(cfg, x_bytes: int, swiglu: bool, promote_fp8: bool = False, weight_convert_bytes: int = 0) -> bool:
     """The resource rule (``kernels._configs``) every config a launcher may pick must pass on sm_90.
     Both halves of a SwiGLU GEMM stream a weight tile and keep an accumulator; a promoted fp8 dot
     keeps a second, fp32 accumulator. W8A16 holds the converted weight tile in registers as the wgmma
-    A operand. On the sm_90 compiles of every config below (and of those they replaced;
+    A operand (``weight_convert_bytes`` per element: the activation size for int8, 4 for e4m3,
+    which converts through wider intermediates; 0 for W8A8). On the sm_90 compiles of every config below (and of those they replaced;
     bench/results/static-changes-gemm.json) the rule accepts no config that spills or overflows
     shared memory; a 16x64x256 / 4-warp W8A16 config it would accept spills 192 bytes with SwiGLU,
     so it is not in the table."""
@@ -121,7 +122,7 @@ def _fits(cfg, x_bytes: int, swiglu: bool, promote_fp8: bool = False, weight_in_
     halves = 2 if swiglu else 1
     tile = TileShape(block_m=kw["BLOCK_M"], block_n=kw["BLOCK_N"], block_k=kw["BLOCK_K"], a_bytes=x_bytes, b_bytes=1,
                      b_operands=halves, accumulators=halves * (2 if promote_fp8 else 1),
-                     b_convert_bytes=x_bytes if weight_in_registers else 0)
+                     b_convert_bytes=weight_convert_bytes)
     return fits(tile, cfg.num_warps, cfg.num_stages, arch=90)
 
 
@@ -174,16 +175,21 @@ def _m_range(m: int) -> str:
     return "small" if m <= 256 else "medium" if m <= 1024 else "large"
 
 
-def _prune(table, x_bytes_of, weight_in_registers: bool):
+def _prune(table, x_bytes_of, weight_convert_bytes_of):
     def prune(configs, named_args, **kwargs):
         x_bytes = x_bytes_of(named_args)
+        convert = weight_convert_bytes_of(named_args)
         swiglu = kwargs.get("SWIGLU", named_args.get("SWIGLU", False))
         promote = kwargs.get("PROMOTE_FP8", named_args.get("PROMOTE_FP8", False))
-        fitting = [(rng, c) for rng, c in table if _fits(c, x_bytes, swiglu, promote, weight_in_registers)]
+        fitting = [(rng, c) for rng, c in table if _fits(c, x_bytes, swiglu, promote, convert)]
         wanted = _m_range(named_args["M"])
         # No fitting config for this M range (a promoted fp8 SwiGLU GEMM at large M): the smallest tiles.
         return [c for rng, c in fitting if rng == wanted] or [c for rng, c in fitting if rng == "small"]
     return prune
+
+
+def _w8a16_convert_bytes(named_args) -> int:
+    return 4 if named_args["w_ptr"].dtype == torch.float8_e4m3fn else named_args["x_ptr"].element_size()
 
 
 if interpreter_enabled():
@@ -191,9 +197,9 @@ if interpreter_enabled():
     _W8A8_AUTOTUNE = dict(configs=[_cfg(32, 64, 64, 2, 4, 1)])
     _W8A16_AUTOTUNE = dict(configs=[_cfg(32, 64, 64, 2, 4, 1)])
 else:
-    _W8A8_AUTOTUNE = dict(configs=[c for _, c in _W8A8_CONFIGS], prune_configs_by={"early_config_prune": _prune(_W8A8_CONFIGS, lambda a: 1, False)})
+    _W8A8_AUTOTUNE = dict(configs=[c for _, c in _W8A8_CONFIGS], prune_configs_by={"early_config_prune": _prune(_W8A8_CONFIGS, lambda a: 1, lambda a: 0)})
     _W8A16_AUTOTUNE = dict(configs=[c for _, c in _W8A16_CONFIGS],
-                           prune_configs_by={"early_config_prune": _prune(_W8A16_CONFIGS, lambda a: a["x_ptr"].element_size(), True)})
+                           prune_configs_by={"early_config_prune": _prune(_W8A16_CONFIGS, lambda a: a["x_ptr"].element_size(), _w8a16_convert_bytes)})
 
 
 def _num_sms(device) -> int:

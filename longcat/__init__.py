@@ -16,10 +16,26 @@ from .model import LongCatVideoTransformer3DModel  # noqa: E402
 from .accelerate import accelerate, acceleration_report, restore  # noqa: E402
 from .cuda_graphs import CUDAGraphStep  # noqa: E402
 from .memory_plan import MemoryPlan, plan_memory  # noqa: E402
+from .pipeline_plan import MemoryBudgetError, PipelineTactics, fit_pipeline, plan_pipeline  # noqa: E402
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS  # noqa: E402
 from .presets import PRESETS, get_preset  # noqa: E402
 
 __version__ = "0.1.0"
+
+# Subpackages and modules reachable as attributes after a plain ``import longcat`` (imported on
+# first use: the benchmark harness and the peers pull in more than the model needs).
+_LAZY_SUBMODULES = frozenset({
+    "bench", "checkpoint", "context_parallel", "cuda_graphs", "kernels", "memory_plan", "model",
+    "offload", "ops", "pipeline_memory", "presets", "quant",
+})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LongCatVideoTransformer3DModel",
@@ -29,6 +45,10 @@ __all__ = [
     "CUDAGraphStep",
     "plan_memory",
     "MemoryPlan",
+    "plan_pipeline",
+    "fit_pipeline",
+    "PipelineTactics",
+    "MemoryBudgetError",
     "DiTOps",
     "REFERENCE_OPS",
     "SDPA_OPS",

@@ -14,7 +14,7 @@ The patch is recorded on the model: calling ``accelerate`` again first undoes th
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Union
 
 import torch
@@ -102,6 +102,14 @@ def recognise(model: nn.Module) -> str:
     return "upstream"
 
 
+def _check_text_lengths(y_seqlen, rows: int) -> None:
+    """Upstream's per-sample text lengths (host ints) become the attention kernels' offsets:
+    non-negative and summing to the packed text's rows, checked where the offsets are made."""
+    lengths = [int(n) for n in y_seqlen]
+    if not lengths or min(lengths) < 0 or sum(lengths) != rows:
+        raise ValueError(f"y_seqlen must be non-negative text lengths summing to the {rows} packed text tokens, got {lengths}")
+
+
 def _upstream_block_forward(block, x, y, t, y_seqlen, latent_shape, num_cond_latents=None, return_kv=False, kv_cache=None, skip_crs_attn=False):
     """Upstream's block calling convention (text packed as [1, L_total, C] plus a list of
     per-sample lengths) mapped onto ``block_forward``."""
@@ -110,6 +118,7 @@ def _upstream_block_forward(block, x, y, t, y_seqlen, latent_shape, num_cond_lat
     # once (one host-to-device copy per call, not one per block) and keep them on that tensor.
     cached = getattr(y, "_longcat_cu_seqlens", None)
     if cached is None or cached[0] != tuple(y_seqlen):
+        _check_text_lengths(y_seqlen, text.shape[0])
         lengths = torch.as_tensor(list(y_seqlen), dtype=torch.int32, device=x.device)
         cached = (tuple(y_seqlen), torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)))
         y._longcat_cu_seqlens = cached
@@ -240,6 +249,10 @@ def accelerate(
     context_parallel=None,
     ops: Optional[DiTOps] = None,
     verbose: bool = False,
+    offload_prefetch: int = 1,
+    memory_budget: Union[None, int, str] = None,
+    budget_latent: tuple = (48, 88, 160),
+    budget_batch: int = 1,
 ) -> nn.Module:
     """Patch ``model`` in place and return it.
 
@@ -265,12 +278,25 @@ def accelerate(
         its tokens itself: pass the process group it uses (default: the whole world, when its
         size matches).
     ops: an explicit op table (overrides attention/fused).
+    offload_prefetch: with offload="blocks", how many blocks are copied ahead (1 + this many resident).
+    memory_budget: e.g. "8GB": quantize, offload and the two chunk sizes left at None are chosen
+        by ``longcat.pipeline_plan.fit_dit``, the cheapest whose planned denoising-step peak at
+        ``budget_latent`` (T, H, W; default the 720p refinement) x ``budget_batch`` fits; the
+        choice and its planned peak are printed and noted in the report. Raises
+        ``MemoryBudgetError`` naming the smallest budget that fits when nothing does.
     """
     kind = recognise(model)
+    budget_note = None
+    if memory_budget is not None:
+        quantize, offload, offload_prefetch, ffn_chunk_frames, attention_chunk_frames, budget_note = _fit_budget(
+            model, memory_budget, budget_latent, budget_batch, attention, quantize, offload, offload_prefetch,
+            ffn_chunk_frames, attention_chunk_frames)
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if offload not in (None, "blocks"):
         raise ValueError(f"offload must be None or 'blocks', got {offload!r}")
+    if not isinstance(offload_prefetch, int) or isinstance(offload_prefetch, bool) or offload_prefetch < 1:
+        raise ValueError(f"offload_prefetch must be a positive int (blocks copied ahead), got {offload_prefetch!r}")
     if bsa is not None and not isinstance(bsa, (bool, dict)):
         raise TypeError(f"bsa must be None, a bool or a dict of bsa_params, got {type(bsa).__name__}")
     if ops is None:
@@ -294,7 +320,7 @@ def accelerate(
 
     snapshot = _snapshot(model)
     try:
-        report = _patch(model, kind, ops, cp, bsa, quantize, offload, compile_options)
+        report = _patch(model, kind, ops, cp, bsa, quantize, offload, offload_prefetch, compile_options, budget_note)
     except BaseException:
         offloader = (getattr(model, _STATE_ATTR, None) or {}).get("offload")
         if offloader is not None and offloader.handles:
@@ -306,7 +332,7 @@ def accelerate(
     return model
 
 
-def _patch(model, kind, ops, cp, bsa, quantize, offload, compile_options) -> AccelerationReport:
+def _patch(model, kind, ops, cp, bsa, quantize, offload, offload_prefetch, compile_options, budget_note) -> AccelerationReport:
     """Apply the checked settings (``accelerate`` undoes a partial patch if this raises)."""
     if getattr(model, _STATE_ATTR, None) is not None:
         restore(model)
@@ -337,8 +363,10 @@ def _patch(model, kind, ops, cp, bsa, quantize, offload, compile_options) -> Acc
     if offload == "blocks":
         from .offload import BlockOffloader
 
-        state["offload"] = BlockOffloader(model.blocks)
+        state["offload"] = BlockOffloader(model.blocks, prefetch=offload_prefetch)
         report.offload = "blocks"
+        if offload_prefetch != 1:
+            report.notes.append(f"block offload copies {offload_prefetch} blocks ahead")
     if compile_options is not None:
         for block in model.blocks:
             block._longcat_eager_forward = block.forward
@@ -348,8 +376,39 @@ def _patch(model, kind, ops, cp, bsa, quantize, offload, compile_options) -> Acc
         report.context_parallel = f"{cp.size} ranks, split_hw {cp.split_hw}"
     if ops.attention_chunk_frames or ops.ffn_chunk_frames:
         report.chunking = f"blocks {ops.attention_chunk_frames or 'whole'}, FFN {ops.ffn_chunk_frames or ops.attention_chunk_frames}"
+    if budget_note:
+        report.notes.append(budget_note)
     state["report"] = report
     return report
+
+
+def _fit_budget(model, memory_budget, latent, batch, attention, quantize, offload, offload_prefetch, ffn_chunk_frames,
+                attention_chunk_frames):
+    """Map ``memory_budget`` onto the keyword arguments the caller left open (None)."""
+    from .pipeline_plan import fit_dit
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) and not hasattr(config, "items"):
+        raise ValueError("memory_budget needs the model's config (a dict at model.config) to plan its memory")
+    if quantize is not None and quantize not in ("int8", "fp8"):
+        raise ValueError(f"with memory_budget, quantize must be None, 'int8' or 'fp8' (weight-only), got {quantize!r}")
+    fixed = {}
+    if quantize is not None:
+        fixed["dit_weights"] = quantize
+    if offload is not None:
+        fixed["offload_prefetch"] = offload_prefetch if offload == "blocks" else None
+    if ffn_chunk_frames is not None:
+        fixed["ffn_chunk_frames"] = ffn_chunk_frames
+    if attention_chunk_frames is not None:
+        fixed["attention_chunk_frames"] = attention_chunk_frames
+    tactics, plan = fit_dit(memory_budget, dict(config), latent=latent, batch=batch, attention=attention, fixed=fixed)
+    kw = tactics.accelerate_kwargs()
+    note = (f"memory budget {memory_budget}: chose weights {tactics.dit_weights}, "
+            f"offload {'blocks (prefetch %d)' % tactics.offload_prefetch if tactics.offload_prefetch else 'none'}, "
+            f"attention_chunk_frames={tactics.attention_chunk_frames}, ffn_chunk_frames={tactics.ffn_chunk_frames}; "
+            f"planned step peak {plan.peak_bytes / 1e9:.2f} GB at latent {tuple(latent)} x batch {batch} (planned, not measured)")
+    print(f"longcat.accelerate: {note}")
+    return kw["quantize"], kw["offload"], kw["offload_prefetch"], kw["ffn_chunk_frames"], kw["attention_chunk_frames"], note
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -393,6 +452,10 @@ def _dequantize_linears(model: nn.Module) -> None:
 
 
 def acceleration_report(model: nn.Module) -> Optional[AccelerationReport]:
-    """What ``accelerate`` replaced in ``model`` (None if it is not accelerated)."""
+    """What ``accelerate`` replaced in ``model`` (None if it is not accelerated). The BSA block
+    count is read from the blocks at call time: upstream's demo calls ``enable_bsa()`` after
+    loading, and ``enable_bsa()``/``disable_bsa()`` keep working after ``accelerate``."""
     state = getattr(model, _STATE_ATTR, None)
-    return None if state is None else state["report"]
+    if state is None:
+        return None
+    return replace(state["report"], bsa_blocks=sum(bool(b.attn.enable_bsa) for b in model.blocks))

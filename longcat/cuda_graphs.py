@@ -223,7 +223,7 @@ class CUDAGraphStep:
         x, t, text, cu_seqlens = static
 
         def forward():
-            return self.model(x, t, None, prepared_text=PreparedText(text, cu_seqlens),
+            return self.model(x, t, None, prepared_text=PreparedText._trusted(text, cu_seqlens),
                               num_cond_latents=num_cond_latents, kv_cache_dict=kv_cache_dict)
 
         side = torch.cuda.Stream()

@@ -7,6 +7,8 @@ temporaries) and for the fused kernels. Measure on the GPU to confirm (``longcat
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ class MemoryPlan:
     peak_bytes: int
     phase_bytes: Dict[str, int] = field(default_factory=dict)
     settings: Dict[str, object] = field(default_factory=dict)
+    weights_outside_blocks_bytes: int = 0  # embedders and final layer: resident even with block offload
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -78,6 +81,15 @@ def _module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+@functools.lru_cache(maxsize=64)
+def _weight_bytes(config_json: str, weights: str, dtype: torch.dtype) -> tuple:
+    """(total, all blocks, largest block) bytes and the block count of the model built on the meta device; cached
+    because quantizing the 13.6B model on the meta device takes seconds and fitters plan often."""
+    model = _meta_model(json.loads(config_json), weights, dtype)
+    blocks = [_module_bytes(b) for b in model.blocks]
+    return _module_bytes(model), sum(blocks), max(blocks), len(blocks)
+
+
 def plan_memory(
     model_or_config: Union[str, dict, LongCatVideoTransformer3DModel] = "longcat-video",
     *,
@@ -92,6 +104,7 @@ def plan_memory(
     ffn_chunk_frames: Optional[int] = None,
     attention_chunk_frames: Optional[int] = None,
     offload: Optional[str] = None,
+    prefetch_blocks: int = 1,
     text_len: int = 512,
     num_cond_latents: int = 0,
     context_parallel: int = 1,
@@ -105,7 +118,8 @@ def plan_memory(
     ffn_chunk_frames: FFN run this many latent frames at a time.
     attention_chunk_frames: whole blocks run this many latent frames of queries at a time
         (``chunked_block_forward``): only x, K and V span the sequence.
-    offload: "blocks" keeps two blocks' weights on the GPU (current and prefetched).
+    offload: "blocks" keeps 1 + prefetch_blocks blocks' weights on the GPU (the current one and
+        those being prefetched).
     context_parallel: number of ranks of Ulysses context parallelism; the plan is per GPU (weights
         replicated, tokens split, plus the all-to-all buffers).
     """
@@ -139,18 +153,17 @@ def plan_memory(
     for name, value in (("ffn_chunk_frames", ffn_chunk_frames), ("attention_chunk_frames", attention_chunk_frames)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+    if not isinstance(prefetch_blocks, int) or prefetch_blocks < 1:
+        raise ValueError(f"prefetch_blocks must be a positive int, got {prefetch_blocks!r}")
     if not isinstance(context_parallel, int) or context_parallel < 1:
         raise ValueError(f"context_parallel must be a positive int (ranks), got {context_parallel!r}")
     if attention_chunk_frames and context_parallel > 1:
         raise ValueError("attention_chunk_frames is not combined with context parallelism")
     T, H, W = (int(v) for v in latent)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(weights, torch.bfloat16)
-    model = _meta_model(config, weights, act_dtype)
-
-    total = _module_bytes(model)
+    total, blocks_bytes, block_bytes, depth = _weight_bytes(json.dumps(config, sort_keys=True, default=str), weights, act_dtype)
     if offload == "blocks":
-        block_bytes = max(_module_bytes(b) for b in model.blocks)
-        resident = total - sum(_module_bytes(b) for b in model.blocks) + 2 * block_bytes
+        resident = total - blocks_bytes + min(depth, 1 + prefetch_blocks) * block_bytes
     else:
         resident = total
 
@@ -202,7 +215,7 @@ def plan_memory(
     text = batch * text_len * C * a * 4  # projected text, k, v
     kv_cache = 0
     if num_cond_latents:
-        kv_cache = len(model.blocks) * 2 * batch * num_cond_latents * (n // T) * C * a // context_parallel
+        kv_cache = depth * 2 * batch * num_cond_latents * (n // T) * C * a // context_parallel
     # The final layer runs in float32: upcast copy, normalised/modulated copy (and one more
     # temporary in the eager reference); frame-chunked together with the FFN.
     final = (2 if fused else 3) * f32 * chunk // T
@@ -214,6 +227,7 @@ def plan_memory(
     peak = resident + activation_peak
     settings = dict(preset=preset, latent=(T, H, W), weights=weights, fused=fused, attention=attention,
                     ffn_chunk_frames=ffn_chunk_frames, attention_chunk_frames=attention_chunk_frames, offload=offload,
-                    text_len=text_len, context_parallel=context_parallel)
+                    prefetch_blocks=prefetch_blocks if offload else None, text_len=text_len, context_parallel=context_parallel)
     return MemoryPlan(tokens=n, batch=batch, weights_resident_bytes=int(resident), weights_total_bytes=int(total),
-                      activation_peak_bytes=int(activation_peak), peak_bytes=int(peak), phase_bytes=phases, settings=settings)
+                      activation_peak_bytes=int(activation_peak), peak_bytes=int(peak), phase_bytes=phases, settings=settings,
+                      weights_outside_blocks_bytes=int(total - blocks_bytes))

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from longcat.kernels._runtime import check_tensor
+from longcat.kernels.attention.varlen import check_cu_seqlens
 from .ffn import ffn_gate
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS
 
@@ -60,12 +62,34 @@ CONFIG_DEFAULTS: Dict[str, Any] = dict(
 NORM_EPS = 1e-6
 
 
-class PreparedText(NamedTuple):
-    """Projected text, every sample's valid tokens packed: text [L_total, C] and the cumulative
-    offsets cu_seqlens [B + 1] (int32). Made by ``LongCatVideoTransformer3DModel.prepare_text``."""
-
+class _PreparedTextFields(NamedTuple):
     text: torch.Tensor
     cu_seqlens: torch.Tensor
+
+
+class PreparedText(_PreparedTextFields):
+    """Projected text, every sample's valid tokens packed: text [L_total, C] and the cumulative
+    offsets cu_seqlens [B + 1] (int32 or int64). Made by ``LongCatVideoTransformer3DModel.prepare_text``.
+
+    The attention kernels trust these offsets at every block (no host sync there), so a
+    PreparedText built by hand is validated here, once (one host read of the B + 1 offsets):
+    they must start at 0, never decrease and end at ``text.shape[0]``."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: torch.Tensor, cu_seqlens: torch.Tensor):
+        check_tensor("prepared_text.text", text, ndim=2)
+        check_tensor("prepared_text.cu_seqlens", cu_seqlens)
+        if cu_seqlens.device != text.device:
+            raise ValueError(f"prepared_text.cu_seqlens is on {cu_seqlens.device}, prepared_text.text on {text.device}")
+        check_cu_seqlens("prepared_text.cu_seqlens", cu_seqlens, text.shape[0])
+        return super().__new__(cls, text, cu_seqlens)
+
+    @classmethod
+    def _trusted(cls, text: torch.Tensor, cu_seqlens: torch.Tensor) -> "PreparedText":
+        """Without validation: for offsets valid by construction (``prepare_text``) or copies of a
+        validated PreparedText (CUDA-graph buffers; a host read is impossible during capture)."""
+        return tuple.__new__(cls, (text, cu_seqlens))
 
 
 def ffn_hidden_size(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
@@ -716,7 +740,8 @@ class LongCatVideoTransformer3DModel(nn.Module):
             shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
             raise ValueError(f"encoder_attention_mask must be [B, L] or [B, 1, 1, L] = [{B}, {L}] matching the text length, got {shape}")
         text, cu = self._pack_text(y.to(self.dtype), m)
-        return PreparedText(text, cu)
+        # offsets of non-negative lengths cumulated from 0 up to the packed rows: valid by construction
+        return PreparedText._trusted(text, cu)
 
     def _pack_text(self, y: torch.Tensor, mask: Optional[torch.Tensor]):
         """Project the text and pack every sample's valid tokens into one [L_total, C] sequence;

@@ -1,12 +1,15 @@
 """Block offload: DiT block weights live in pinned CPU memory; each block is copied to the GPU
-just before it runs and dropped after, while the next block is prefetched on a side stream.
+just before it runs and dropped after, while the next ``prefetch`` blocks are copied on a side
+stream.
 
-With 48 blocks of ~280 M parameters each, only about two blocks' weights are on the GPU at any
-time; the copies overlap the previous block's compute.
+With 48 blocks of ~280 M parameters each, only 1 + prefetch blocks' weights are on the GPU at
+any time; the copies overlap the previous blocks' compute. On a device other than CUDA (the meta
+device, used to check the schedule without a GPU) the copies are synchronous.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import collections
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,16 +35,29 @@ def _get(slot):
 def _set(slot, tensor: torch.Tensor) -> None:
     module, kind, name = slot
     if kind == "_parameters":
-        module._parameters[name].data = tensor
+        param = module._parameters[name]
+        if "meta" in (param.device.type, tensor.device.type):  # set_data refuses meta <-> real tensors
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+        else:
+            param.data = tensor
     else:
         module._buffers[name] = tensor
 
 
 class BlockOffloader:
-    """Installs forward hooks on ``blocks``; ``remove()`` puts every weight back where it was."""
+    """Installs forward hooks on ``blocks``; ``remove()`` puts every weight back where it was.
 
-    def __init__(self, blocks: nn.ModuleList):
+    prefetch: how many of the following blocks are copied in while a block computes (1 + prefetch
+    blocks resident). ``events`` records the schedule as ("load", i) when block i's copy is
+    issued, ("run", i) when it starts computing and ("free", i) when its weights are dropped.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, prefetch: int = 1):
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a positive int (blocks copied ahead), got {prefetch!r}")
+        self.prefetch = prefetch
         self.blocks = list(blocks)
+        self.events: Deque[Tuple[str, int]] = collections.deque(maxlen=3 * len(self.blocks))  # the last forward
         self.slots = [_tensor_slots(b) for b in self.blocks]
         self.home: List[List[torch.device]] = []
         self.cpu: List[List[torch.Tensor]] = []
@@ -57,7 +73,7 @@ class BlockOffloader:
                 _set(s, t)
             self.cpu.append(copies)
         self.stream: Optional[torch.cuda.Stream] = None
-        self.events: Dict[int, torch.cuda.Event] = {}
+        self.pending: Dict[int, Optional[torch.cuda.Event]] = {}  # copied in, not yet run
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
@@ -71,8 +87,14 @@ class BlockOffloader:
         return torch.device("cpu")
 
     def _copy_in(self, i: int, device: torch.device) -> None:
-        """Start copying block i to ``device`` on the side stream (no-op if already there)."""
-        if i >= len(self.blocks) or i in self.events:
+        """Start copying block i to ``device`` (on the side stream on CUDA); no-op if already issued."""
+        if i >= len(self.blocks) or i in self.pending:
+            return
+        self.events.append(("load", i))
+        if device.type != "cuda":
+            for s, cpu_t in zip(self.slots[i], self.cpu[i]):
+                _set(s, cpu_t.to(device))
+            self.pending[i] = None
             return
         if self.stream is None:
             self.stream = torch.cuda.Stream(device)
@@ -82,31 +104,40 @@ class BlockOffloader:
                 _set(s, cpu_t.to(device, non_blocking=True))
             ev = torch.cuda.Event()
             ev.record(self.stream)
-        self.events[i] = ev
+        self.pending[i] = ev
 
     def _make_pre_hook(self, i: int):
         def hook(module, args, kwargs):
             device = self._input_device(args, kwargs)
-            if device.type != "cuda":
+            if device.type == "cpu":
                 return None
             self._copy_in(i, device)
-            current = torch.cuda.current_stream(device)
-            current.wait_event(self.events.pop(i))
-            for s in self.slots[i]:
-                _get(s).record_stream(current)  # the side stream allocated it; compute uses it here
-            self._copy_in(i + 1, device)  # prefetch while block i computes
+            ev = self.pending.pop(i)
+            if ev is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(ev)
+                for s in self.slots[i]:
+                    _get(s).record_stream(current)  # the side stream allocated it; compute uses it here
+            self.events.append(("run", i))
+            for j in range(i + 1, i + 1 + self.prefetch):
+                self._copy_in(j, device)  # prefetch while block i computes
             return None
 
         return hook
 
     def _make_post_hook(self, i: int):
         def hook(module, args, output):
-            if _get(self.slots[i][0]).device.type == "cuda":
+            if _get(self.slots[i][0]).device.type != "cpu":
                 for s, cpu_t in zip(self.slots[i], self.cpu[i]):
                     _set(s, cpu_t)
+                self.events.append(("free", i))
             return None
 
         return hook
+
+    def resident_blocks(self) -> List[int]:
+        """Indices of the blocks whose weights are off the CPU now."""
+        return [i for i, slots in enumerate(self.slots) if _get(slots[0]).device.type != "cpu"]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -114,7 +145,7 @@ class BlockOffloader:
         self.handles = []
         if self.stream is not None:
             torch.cuda.synchronize()
-        self.events.clear()
+        self.pending.clear()
         for slots, homes, copies in zip(self.slots, self.home, self.cpu):
             for s, device, cpu_t in zip(slots, homes, copies):
                 _set(s, cpu_t.to(device))

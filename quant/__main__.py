@@ -32,7 +32,16 @@ def _accuracy(args) -> int:
             except ImportError as e:
                 print(f"skipping {backend}: {e}", file=sys.stderr)
     t0 = time.perf_counter()
-    rows = accuracy_table(shapes, formats=FORMATS, tokens=args.tokens, seed=args.seed, peers=peers)
+
+    def show_progress(done: int, total: int, what: str) -> None:
+        # one line per step on stderr (the table goes to stdout): visible in logs and terminals
+        print(f"[{done}/{total}] {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    print(f"measuring {len(shapes)} layer shapes x 2 weight distributions x {len(FORMATS) + len(peers)} formats "
+          f"(M = {args.tokens} tokens){'' if args.quick else '; --quick for shapes divided by 8'}",
+          file=sys.stderr, flush=True)
+    rows = accuracy_table(shapes, formats=FORMATS, tokens=args.tokens, seed=args.seed, peers=peers,
+                          on_step=show_progress)
     print(format_table(rows))
     print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.1f} s (M = {args.tokens} tokens, activations with 4 outlier channels x100)")
     if args.json:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -165,15 +165,21 @@ def layer_accuracy(out_features: int, in_features: int, *, dist: str = "gaussian
 
 def accuracy_table(shapes: Optional[dict] = None, dists: Iterable[str] = ("gaussian", "student_t"),
                    formats: Iterable[str] = FORMATS, tokens: int = 256, seed: int = 0,
-                   peers: Iterable[tuple[str, str]] = ()) -> list[dict]:
-    """Rows for every (layer, distribution, format[, peer])."""
+                   peers: Iterable[tuple[str, str]] = (),
+                   on_step: Optional[Callable[[int, int, str], None]] = None) -> list[dict]:
+    """Rows for every (layer, distribution, format[, peer]). ``on_step(done, total, what)`` is
+    called after each (layer, distribution), e.g. to show progress."""
     shapes = LAYER_SHAPES if shapes is None else shapes
+    dists = tuple(dists)
+    total = len(shapes) * len(dists)
     rows = []
     for i, (layer, (n, k)) in enumerate(shapes.items()):
         for j, dist in enumerate(dists):
             for row in layer_accuracy(n, k, dist=dist, formats=formats, tokens=tokens, seed=seed + 100 * i + j, peers=peers):
                 row["layer"] = layer
                 rows.append(row)
+            if on_step is not None:
+                on_step(i * len(dists) + j + 1, total, f"{layer} {n}x{k} {dist}")
     return rows
 
 

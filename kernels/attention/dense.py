@@ -66,7 +66,9 @@ def dense_attention_reference(
 # ---------------------------------------------------------------------------------------------
 
 from .._runtime import fallback_warning, triton_runs_on  # noqa: E402
-from ._common import bwd_delta, check_kernel_inputs, flash_backward, flash_forward, last_dim_contiguous  # noqa: E402
+from ._common import (  # noqa: E402
+    bwd_delta, check_kernel_inputs, check_scale, flash_backward, flash_forward, last_dim_contiguous,
+)
 
 __all__ += ["dense_attention"]
 
@@ -85,7 +87,7 @@ def _dense_forward_launch(q, k, v, scale: float):
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if Sq == 0:
         return out, lse
-    flash_forward(q, k, v, out, lse, lse, lse, scale, "bhsd", B, H, Sq, k.shape[2], varlen=False)
+    flash_forward(q, k, v, out, lse, None, None, scale, "bhsd", B, H, Sq, k.shape[2], max_q=Sq)
     return out, lse
 
 
@@ -97,8 +99,8 @@ def _dense_backward_launch(grad_out, grad_lse, q, k, v, out, lse, scale: float):
     if Sq == 0 or Skv == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = bwd_delta(out, grad_out, grad_lse, lse, "bhsd", B, H, Sq, D)
-    flash_backward(grad_out, q, k, v, lse, delta, dq, dk, dv, lse, lse, scale, "bhsd", B, H, Sq, Skv,
-                   varlen=False)
+    flash_backward(grad_out, q, k, v, lse, delta, dq, dk, dv, None, None, scale, "bhsd", B, H, Sq, Skv,
+                   max_q=Sq, max_k=Skv)
     return dq, dk, dv
 
 
@@ -154,16 +156,15 @@ def dense_attention(
     """Softmax attention ``softmax(q k^T * scale) v`` (flash-attention kernels, differentiable).
 
     q: [B, heads, Sq, D]; k, v: [B, heads, Skv, D]; any strides with a contiguous last dimension
-    (e.g. views of a packed qkv tensor). scale defaults to D^-0.5. Returns out [B, heads, Sq, D]
+    (e.g. views of a packed qkv tensor). scale (> 0) defaults to D^-0.5. Returns out [B, heads, Sq, D]
     in q.dtype (memory laid out as [B, Sq, heads, D]) and, if ``return_lse``, the natural-log
     log-sum-exp [B, heads, Sq] in float32 (differentiable too).
     """
     _check_qkv(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = check_scale(q.shape[-1] ** -0.5 if scale is None else scale)
     if not triton_runs_on(q, k, v):
         fallback_warning("dense_attention")
         return dense_attention_reference(q, k, v, scale=scale, return_lse=return_lse)
     check_kernel_inputs(q.shape[-1], q=q, k=k, v=v)
-    out, lse = _dense_attention_op(q, k, v, float(scale))
+    out, lse = _dense_attention_op(q, k, v, scale)
     return (out, lse) if return_lse else out

@@ -15,15 +15,22 @@ from .dense import masked_attention_math
 __all__ = ["varlen_attention_reference", "check_cu_seqlens"]
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> None:
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int | None = None,
+                     max_name: str = "max_seqlen") -> None:
+    """Validate offsets on the host (one device-to-host copy of batch + 1 integers): an int32/int64
+    vector starting at 0, non-decreasing, ending at the packed length ``total``; and, when given,
+    ``max_seqlen`` (named ``max_name`` in errors) at least the longest sample."""
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32, torch.int64))
     if cu.numel() < 2:
         raise ValueError(f"{name} must hold batch + 1 >= 2 offsets, got {cu.numel()}")
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total:
         raise ValueError(f"{name} must start at 0 and end at the packed length {total}, got {values[0]}..{values[-1]}")
-    if any(b < a for a, b in zip(values, values[1:])):
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if min(lengths) < 0:
         raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if max_seqlen is not None and max_seqlen < max(lengths):
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sample of {name} ({max(lengths)} rows)")
 
 
 def varlen_attention_reference(
@@ -66,7 +73,9 @@ def varlen_attention_reference(
 # ---------------------------------------------------------------------------------------------
 
 from .._runtime import fallback_warning, triton_runs_on  # noqa: E402
-from ._common import bwd_delta, check_kernel_inputs, flash_backward, flash_forward, last_dim_contiguous  # noqa: E402
+from ._common import (  # noqa: E402
+    bwd_delta, check_kernel_inputs, check_scale, flash_backward, flash_forward, last_dim_contiguous,
+)
 
 __all__ += ["varlen_attention"]
 
@@ -79,7 +88,7 @@ def _varlen_forward_launch(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: f
     batch = cu_q.numel() - 1
     if total_q == 0:
         return out, lse
-    flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, "shd", batch, H, max_q, max_k, varlen=True)
+    flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, "shd", batch, H, total_q, k.shape[0], max_q=max_q)
     return out, lse
 
 
@@ -94,7 +103,7 @@ def _varlen_backward_launch(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, m
     batch = cu_q.numel() - 1
     delta = bwd_delta(out, grad_out, grad_lse, lse, "shd", 1, H, total_q, D)
     flash_backward(grad_out, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, scale, "shd", batch, H,
-                   max_q, max_k, varlen=True)
+                   total_q, k.shape[0], max_q=max_q, max_k=max_k)
     return dq, dk, dv
 
 
@@ -161,6 +170,14 @@ def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same batch size")
 
 
+def _check_max_seqlen(name: str, bound) -> int | None:
+    if bound is None:
+        return None
+    if isinstance(bound, bool) or not hasattr(bound, "__index__") or int(bound) < 0:
+        raise ValueError(f"{name} must be a non-negative int (an upper bound of the sample lengths), got {bound!r}")
+    return int(bound)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,25 +194,30 @@ def varlen_attention(
     q: [total_q, heads, D]; k, v: [total_k, heads, D] (any strides with a contiguous last
     dimension); cu_seqlens_q/k: int32 or int64 [B + 1] offsets. Sample i's queries
     ``q[cu_q[i]:cu_q[i+1]]`` attend to its keys ``k[cu_k[i]:cu_k[i+1]]`` only; a sample with no
-    keys gets output 0 and lse -inf. Give ``max_seqlen_q``/``max_seqlen_k`` (upper bounds of the
-    per-sample lengths) to avoid a device-to-host sync; without them they are read from the
-    offsets, which are then also validated. Returns out [total_q, heads, D] (contiguous) and,
-    if ``return_lse``, lse [total_q, heads] float32.
+    keys gets output 0 and lse -inf. scale (> 0) defaults to D^-0.5.
+
+    Without ``max_seqlen_q``/``max_seqlen_k`` the offsets are read on the host (a device-to-host
+    sync) and validated. Giving both (upper bounds of the per-sample lengths) avoids the sync:
+    the offsets are then trusted, so validate them once where they are made (as
+    ``longcat.model.PreparedText`` does). Even then the kernels never read or write outside
+    q, k, v and the outputs (offsets are clamped to the tensors), but rows past a too-small
+    bound are not computed. Returns out [total_q, heads, D] (contiguous) and, if
+    ``return_lse``, lse [total_q, heads] float32.
     """
     _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = check_scale(q.shape[-1] ** -0.5 if scale is None else scale)
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if not triton_runs_on(q, k, v, cu_seqlens_q, cu_seqlens_k):
         fallback_warning("varlen_attention")
         return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, return_lse=return_lse)
     check_kernel_inputs(q.shape[-1], q=q, k=k, v=v)
     if max_seqlen_q is None or max_seqlen_k is None:
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
         if max_seqlen_q is None:
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
         if max_seqlen_k is None:
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item())
-    out, lse = _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                    float(scale))
+    out, lse = _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     return (out, lse) if return_lse else out

@@ -99,6 +99,7 @@ def test_report_with_gpu_results(tmp_path):
 
 # ----------------------------------------------------------------------------------- kernels, etc.
 
+@pytest.mark.slow
 def test_kernels_cpu_writes_results_and_notice(tmp_path, capsys):
     path = tmp_path / "k.json"
     rc = main(["kernels", "--size", "cpu-tiny", "--ops", "attention.dense", "gated_residual", "quant_gemm",
@@ -118,6 +119,7 @@ def test_kernels_cpu_writes_results_and_notice(tmp_path, capsys):
     json.dumps(doc)  # plain JSON all the way down
 
 
+@pytest.mark.slow
 def test_accuracy_cpu_writes_results(tmp_path, capsys):
     path = tmp_path / "a.json"
     rc = main(["accuracy", "--dtypes", "fp32", "--json", str(path)] + (["--device", "cpu"] if ON_GPU else []))
@@ -132,6 +134,7 @@ def test_accuracy_cpu_writes_results(tmp_path, capsys):
     assert all(r["sqnr_db"] > 20 and 0.99 < r["cosine"] <= 1.0 for r in quant)
 
 
+@pytest.mark.slow
 def test_model_compare_cpu(tmp_path, capsys):
     path = tmp_path / "m.json"
     rc = main(["model", "--compare", "--preset", "tiny", "--latent", "2", "4", "6", "--repeats", "1", "--warmup", "0",
@@ -160,12 +163,14 @@ def check_figures(tmp_path_factory):
     return rc, buf.getvalue(), str(out)
 
 
+@pytest.mark.slow
 def test_check_passes_against_committed_baseline(check_figures):
     rc, text, _ = check_figures
     assert rc == 0, text
     assert "check: passed" in text
 
 
+@pytest.mark.slow
 def test_check_fails_when_a_value_regresses(tmp_path, check_figures, capsys):
     _, _, figures = check_figures
     doc = json.load(open(figures))

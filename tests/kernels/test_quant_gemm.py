@@ -366,20 +366,21 @@ def test_weight_only_backward_gives_input_gradient(gen):
 def test_every_config_a_launcher_can_pick_fits(M, swiglu):
     """The autotuner only ever sees configs that pass the sm_90 resource rule (shared memory and
     accumulator registers), for every M range, epilogue and fp8 accumulation mode."""
-    for table, x_bytes, promotes, in_regs in ((qg._W8A8_CONFIGS, 1, (False, True), False), (qg._W8A16_CONFIGS, 2, (False,), True)):
-        for promote in promotes:
-            prune = qg._prune(table, lambda a: x_bytes, in_regs)
-            kept = prune([c for _, c in table], {"M": M}, SWIGLU=swiglu, PROMOTE_FP8=promote)
-            assert kept, (M, swiglu, promote)
-            assert all(qg._fits(c, x_bytes, swiglu, promote, in_regs) for c in kept)
-            assert all(c.kwargs["BLOCK_M"] <= 64 for c in kept) or M > 256
+    cases = [(qg._W8A8_CONFIGS, 1, promote, 0) for promote in (False, True)]
+    cases += [(qg._W8A16_CONFIGS, 2, False, convert) for convert in (2, 4)]  # int8 / e4m3 weight, bf16 x
+    for table, x_bytes, promote, convert in cases:
+        prune = qg._prune(table, lambda a: x_bytes, lambda a: convert)
+        kept = prune([c for _, c in table], {"M": M}, SWIGLU=swiglu, PROMOTE_FP8=promote)
+        assert kept, (M, swiglu, promote, convert)
+        assert all(qg._fits(c, x_bytes, swiglu, promote, convert) for c in kept)
+        assert all(c.kwargs["BLOCK_M"] <= 64 for c in kept) or M > 256
     # Configs autotuning used to keep for the fused SwiGLU GEMM spill on sm_90 (3.4-3.6 KB): rejected.
     assert not qg._fits(qg._cfg(128, 256, 64, 8, 8, 3), 1, True)
     assert not qg._fits(qg._cfg(128, 256, 128, 8, 8, 3), 1, True)
     assert not qg._fits(qg._cfg(128, 256, 128, 8, 8, 3), 1, False, promote_fp8=True)
     # W8A16: the 128x128 SwiGLU pair on 4 warps spills 2.4 KB (8 warps: clean).
-    assert not qg._fits(qg._cfg(128, 128, 64, 8, 4, 4), 2, True, weight_in_registers=True)
-    assert qg._fits(qg._cfg(128, 128, 64, 8, 8, 4), 2, True, weight_in_registers=True)
+    assert not qg._fits(qg._cfg(128, 128, 64, 8, 4, 4), 2, True, weight_convert_bytes=2)
+    assert qg._fits(qg._cfg(128, 128, 64, 8, 8, 4), 2, True, weight_convert_bytes=2)
 
 
 def test_fp8_long_k_takes_the_promoted_accumulation(gen):

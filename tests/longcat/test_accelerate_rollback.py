@@ -91,8 +91,8 @@ def test_failure_while_patching_rolls_back(weights, gen, monkeypatch, upstream, 
 
         real_init = longcat.offload.BlockOffloader.__init__
 
-        def offload_then_fail(self, blocks):
-            real_init(self, blocks)
+        def offload_then_fail(self, blocks, **kw):
+            real_init(self, blocks, **kw)
             raise failure
 
         monkeypatch.setattr(longcat.offload.BlockOffloader, "__init__", offload_then_fail)
@@ -125,7 +125,7 @@ def test_failed_call_on_an_accelerated_model_keeps_its_acceleration(weights, gen
     before = _fingerprint(model, inputs)
     import longcat.offload
 
-    def refuse(self, blocks):
+    def refuse(self, blocks, **kw):
         raise RuntimeError("injected failure at offload")
 
     monkeypatch.setattr(longcat.offload.BlockOffloader, "__init__", refuse)

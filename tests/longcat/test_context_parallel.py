@@ -14,7 +14,9 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 @needs_gloo
-@pytest.mark.parametrize("scenario", sorted(cp_worker.SCENARIOS))
+# Two ranks each running every Triton kernel in the interpreter: by far the longest test.
+@pytest.mark.parametrize("scenario", [pytest.param(s, marks=pytest.mark.slow) if s == "kernels" else s
+                                      for s in sorted(cp_worker.SCENARIOS)])
 def test_two_ranks_match_one_device(tmp_path, scenario):
     # Each rank asserts its own results; a failure on either rank raises here with its traceback.
     mp.spawn(cp_worker.run, args=(str(tmp_path / "rendezvous"), scenario), nprocs=cp_worker.WORLD, join=True)

@@ -72,6 +72,7 @@ def test_kv_cache_batch_one_broadcasts(golden):
     assert_rel_close(out[:1], io["out_kvcache"][:1], 1e-4)
 
 
+@pytest.mark.slow
 def test_golden_through_triton_kernels(golden):
     """The whole model on the Triton kernels (attention + fused ops) still reproduces upstream."""
     from longcat.ops import kernel_ops

@@ -50,6 +50,7 @@ def test_report_text_and_errors():
         plan_memory("small", latent=(4, 16, 16), offload="disk")
 
 
+@pytest.mark.slow
 def test_chunked_blocks_720p_8bit_figures():
     """Frame-chunked blocks keep x, K and V (3 residual-sized tensors) plus one chunk's temporaries:
     with 8-bit weights the 720p step is planned near the 18 GB target."""

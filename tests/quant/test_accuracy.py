@@ -27,12 +27,14 @@ def table():
     return acc.accuracy_table()
 
 
+@pytest.mark.slow
 def test_table_covers_every_shape_format_and_distribution(table):
     assert len(table) == len(acc.LAYER_SHAPES) * 2 * len(acc.FORMATS)
     assert {r["shape"] for r in table} == set(acc.LAYER_SHAPES.values())
     assert "out SQNR dB" in acc.format_table(table)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,dist", sorted(FLOORS))
 def test_floors(table, fmt, dist):
     out_floor, cos_floor, w_floor = FLOORS[(fmt, dist)]
@@ -63,6 +65,7 @@ def test_metrics():
         acc.quantized_output("int4", x, torch.randn(8, 256))
 
 
+@pytest.mark.slow
 def test_cli_quick(capsys):
     from longcat.quant.__main__ import main
 

@@ -9,6 +9,9 @@ from safetensors.torch import load_file
 import longcat.quant as lq
 from longcat.quant.accuracy import cosine_similarity, sqnr_db
 
+# Quantizes and runs the golden tiny model once per format: among the slowest tests of the suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def tiny(real_model, golden_dir):

@@ -48,6 +48,8 @@ def _check_against_oracle(q, k, v, scale=None, grads=True):
         (2, 2, 150, 97, 64),  # Sq != Skv, neither a multiple of the blocks, batch > 1
         (1, 1, 33, 70, 128),
         (1, 2, 5, 3, 16),  # shorter than one block
+        (1, 1, 20, 300, 64),  # full key blocks of every config, then a masked tail
+        (1, 1, 130, 256, 32),  # whole key blocks only: no tail
     ],
 )
 def test_forward_backward_matches_oracle(gen, dtype, B, H, Sq, Skv, D):
@@ -63,6 +65,15 @@ def test_other_head_dims_and_scale(gen, D):
     k = _randn(gen, (1, 1, 45, D), torch.float32)
     v = _randn(gen, (1, 1, 45, D), torch.float32)
     _check_against_oracle(q, k, v, scale=0.3, grads=(D == 32))
+
+
+def test_very_negative_scores_with_a_key_tail(gen):
+    """All scores near -140 (lse too): a padded key of the tail block scores 0, and exp(0 - lse)
+    overflows unless the tail is masked, which would turn dq into NaN."""
+    q = 5 + 0.1 * _randn(gen, (1, 1, 9, 32), torch.float32)
+    k = -5 + 0.1 * _randn(gen, (1, 1, 45, 32), torch.float32)  # 45: full key blocks plus a tail
+    v = _randn(gen, (1, 1, 45, 32), torch.float32)
+    _check_against_oracle(q, k, v)
 
 
 def test_strided_views_of_packed_qkv(gen):
@@ -100,6 +111,9 @@ def test_rejects_bad_inputs(gen):
         dense_attention(q, q.to("meta"), q)
     with pytest.raises(ValueError, match="disagree"):
         dense_attention(q, q[:, :, :, :16], q[:, :, :, :16])
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            dense_attention(q, q, q, scale=bad)
 
 
 def test_torch_compile_fullgraph(gen):
@@ -114,7 +128,7 @@ def test_torch_compile_fullgraph(gen):
 
 def test_fallback_without_triton_uses_reference(gen, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    _runtime._WARNED.discard("fallback:dense_attention")
+    monkeypatch.setattr(_runtime, "_WARNED", set())
     q, k, v = (_randn(gen, (1, 1, 6, 48), torch.float32) for _ in range(3))  # any head_dim works there
     with pytest.warns(RuntimeWarning, match="reference"):
         out = dense_attention(q, k, v)
@@ -131,3 +145,22 @@ def test_gpu_model_shapes(gen, dtype, D):
     _check_against_oracle(q, k, v)
     k2 = _randn(gen, (B, H, 333, D), dtype, "cuda")
     _check_against_oracle(q, k2, k2.flip(2), grads=False)
+
+
+def test_configs_follow_the_resource_rule():
+    """Every launcher config fits the shared memory of the GPU it runs on (the shared rule of
+    kernels._configs picks the first fitting candidate), and Hopper gets 128-key blocks with at
+    least two tiles in flight for the model's D=128 bf16 self-attention."""
+    from longcat.kernels._configs import ARCH_LIMITS
+    from longcat.kernels.attention import _common
+
+    for arch in (80, 89, 90):
+        limit = ARCH_LIMITS[arch]["smem_per_block"]
+        for D in _common.SUPPORTED_HEAD_DIMS:
+            for varlen in (False, True):
+                fwd = _common.flash_fwd_config(D, torch.bfloat16, limit, varlen)
+                bwd = _common.flash_bwd_config(D, torch.bfloat16, limit, varlen)
+                assert _common.fwd_shared_bytes(fwd, D, 2) <= limit, (arch, D, fwd)
+                assert _common.bwd_shared_bytes(bwd, D, 2) <= limit, (arch, D, bwd)
+    hopper = _common.flash_fwd_config(128, torch.bfloat16, ARCH_LIMITS[90]["smem_per_block"])
+    assert hopper["BLOCK_N"] == 128 and hopper["num_stages"] >= 3

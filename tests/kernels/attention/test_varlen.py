@@ -94,6 +94,79 @@ def test_rejects_bad_inputs(gen):
         varlen_attention(q[..., :24], k[..., :24], v[..., :24], cu_q, cu_k)
     with pytest.raises(ValueError, match=r"must be \[total, heads, D\]"):
         varlen_attention(q, k[:, :, :16], v, cu_q, cu_k)
+    # offsets read on the host (no max_seqlen given): past the tensors, going backwards, too-small bounds
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and end at the packed length 8"):
+        varlen_attention(q, k, v, cu_q, torch.tensor([0, 3, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        varlen_attention(q, k, v, torch.tensor([0, 6, 5, 8], dtype=torch.int32), _cu([3, 5, 0]))
+    with pytest.raises(ValueError, match=r"max_seqlen_q=3 is smaller than the longest sample of cu_seqlens_q \(4 rows\)"):
+        varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=3)
+    with pytest.raises(ValueError, match=r"max_seqlen_k=4 is smaller than the longest sample of cu_seqlens_k \(5 rows\)"):
+        varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_k=4)
+    for bad in (-1, 2.5, "4", True):
+        with pytest.raises(ValueError, match="max_seqlen_k must be a non-negative int"):
+            varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=4, max_seqlen_k=bad)
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        varlen_attention(q, k, v, cu_q, cu_k, scale=-1.0)
+
+
+def _guarded(gen, rows, H, D, lead=7, tail=9, fill=float("nan")):
+    """A [rows, H, D] view with ``lead``/``tail`` rows of ``fill`` on either side in memory,
+    and the whole buffer: reading outside the view brings NaN in, writing outside changes fill."""
+    buf = torch.full((lead + rows + tail, H, D), fill)
+    buf[lead:lead + rows] = torch.randn((rows, H, D), generator=gen)
+    return buf[lead:lead + rows], buf
+
+
+def test_trusted_offsets_never_leave_the_tensors(gen):
+    """With max_seqlen given the offsets are trusted (no host sync), so the kernels must stay
+    inside their tensors whatever the offsets say: past the end, going backwards, with a
+    too-small max_seqlen. Inputs sit between NaN rows (a read outside shows as NaN), outputs
+    between poison rows (a write outside changes them)."""
+    from longcat.kernels.attention._common import flash_backward, flash_forward
+
+    H, D, poison = 2, 32, 12345.0
+    q, _ = _guarded(gen, 100, H, D)
+    k, _ = _guarded(gen, 90, H, D)
+    v, _ = _guarded(gen, 90, H, D)
+    # sample 0 is valid and longer than a query block and a key block; sample 1 runs backwards;
+    # sample 2 runs past both tensors
+    cu_q = torch.tensor([0, 80, 40, 10_000], dtype=torch.int32)
+    cu_k = torch.tensor([0, 70, 30, 5_000], dtype=torch.int32)
+    scale = D ** -0.5
+    for max_q, max_k in ((2, 3), (10_000, 5_000)):  # far too small, and the offsets' own (huge) spans
+        out, out_buf = _guarded(gen, 100, H, D, fill=poison)
+        out.fill_(poison)
+        lse_buf = torch.full((110, H), poison)
+        lse = lse_buf[4:104]
+        flash_forward(q, k, v, out, lse, cu_q, cu_k, scale, "shd", 3, H, 100, 90, max_q=max_q)
+        assert (out_buf[:7] == poison).all() and (out_buf[107:] == poison).all()
+        assert (lse_buf[:4] == poison).all() and (lse_buf[104:] == poison).all()
+        written = (out != poison).any(dim=-1)
+        assert written.any() and torch.isfinite(out[written]).all()
+        assert not torch.isnan(lse).any()
+        # rows 0..39 belong to sample 0 only (sample 2, clamped to rows 40..99, overlaps the rest):
+        # where written, they are its exact attention
+        ref = varlen_attention_reference(q[:80], k[:70], v[:70], _cu([80]), _cu([70]), scale=scale)[:40]
+        rows = written[:40]
+        assert torch.allclose(out[:40][rows], ref[rows], atol=1e-5)
+        if max_q == 10_000:
+            assert rows.all()
+
+        grads = []
+        for _ in range(3):
+            g, g_buf = _guarded(gen, 100 if not grads else 90, H, D, fill=poison)
+            g.fill_(poison)
+            grads.append((g, g_buf))
+        (dq, dq_buf), (dk, dk_buf), (dv, dv_buf) = grads
+        do = torch.randn((100, H, D), generator=gen)
+        delta = torch.zeros((100, H))
+        lse_ok = torch.where(torch.isfinite(lse) & (lse != poison), lse, torch.zeros_like(lse))
+        flash_backward(do, q, k, v, lse_ok, delta, dq, dk, dv, cu_q, cu_k, scale, "shd", 3, H, 100, 90,
+                       max_q=max_q, max_k=max_k)
+        for t, buf in ((dq, dq_buf), (dk, dk_buf), (dv, dv_buf)):
+            assert (buf[:7] == poison).all() and (buf[-9:] == poison).all()
+            assert torch.isfinite(t[(t != poison).any(dim=-1)]).all()
 
 
 @pytest.mark.gpu

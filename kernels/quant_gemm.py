@@ -221,14 +221,12 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(key=["M_BUCKET", "N_OUT", "K", "SWIGLU", "HAS_BIAS", "INT_ACC", "PROMOTE_FP8"], **_W8A8_AUTOTUNE)
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _w8a8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr,
     M, N_OUT, K, stride_xm, stride_ym, M_BUCKET, NUM_PROGRAMS,
     INT_ACC: tl.constexpr, PROMOTE_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
 ):
     # Persistent: each program walks tiles pid, pid + NUM_PROGRAMS, ... in grouped order.
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -253,13 +251,9 @@ def _w8a8_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-                b = tl.load(w_ptrs)
-            else:
-                k_ok = offs_k < K - k0
-                a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            k_ok = offs_k < K - k0
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
             if INT_ACC:
                 acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
             elif PROMOTE_FP8:
@@ -267,10 +261,7 @@ def _w8a8_kernel(
             else:
                 acc = tl.dot(a, tl.trans(b), acc)
             if SWIGLU:
-                if EVEN_K:
-                    b3 = tl.load(w_ptrs + w3_off)
-                else:
-                    b3 = tl.load(w_ptrs + w3_off, mask=k_ok[None, :], other=0.0)
+                b3 = tl.load(w_ptrs + w3_off, mask=k_ok[None, :], other=0.0)
                 if INT_ACC:
                     acc3 = tl.dot(a, tl.trans(b3), acc3, out_dtype=tl.int32)
                 elif PROMOTE_FP8:
@@ -296,14 +287,12 @@ def _w8a8_kernel(
 
 
 @triton.autotune(key=["M_BUCKET", "N_OUT", "K", "SWIGLU", "HAS_BIAS"], **_W8A16_AUTOTUNE)
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _w8a16_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr,
     M, N_OUT, K, stride_xm, stride_ym, M_BUCKET, NUM_PROGRAMS,
     FP32_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
 ):
     # Each tile computes y^T = W x^T ([BLOCK_N, BLOCK_M]): the weight tile, converted from 8 bits
     # in registers, is wgmma's A operand (which may come from registers), and the activation tile
@@ -325,23 +314,16 @@ def _w8a16_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_ok = offs_k < K - k0
-                a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            k_ok = offs_k < K - k0
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
             w = w.to(a.dtype)  # int8 and e4m3 values are exact in fp16, bf16 and fp32
             if FP32_IEEE:
                 acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
             else:
                 acc = tl.dot(w, tl.trans(a), acc)
             if SWIGLU:
-                if EVEN_K:
-                    w3 = tl.load(w_ptrs + w3_off)
-                else:
-                    w3 = tl.load(w_ptrs + w3_off, mask=k_ok[None, :], other=0.0)
+                w3 = tl.load(w_ptrs + w3_off, mask=k_ok[None, :], other=0.0)
                 w3 = w3.to(a.dtype)
                 if FP32_IEEE:
                     acc3 = tl.dot(w3, tl.trans(a), acc3, input_precision="ieee")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .peers import Unavailable, compiled, flex_attention_fn, optional_attr, sdpa_backend_fns, upstream_bsa_fn
 
-__all__ = ["Impl", "Case", "build_cases", "OPS", "kernel_path"]
+__all__ = ["Impl", "Case", "build_cases", "OPS", "kernel_path", "BSA_CONFIGS", "bsa_label"]
 
 # Real shapes (DESIGN.md section 5): latent grids after patching, tokens per sample, batch.
 GPU_SHAPES = {
@@ -32,8 +32,13 @@ CPU_SHAPES = {
     # for tests, CI checks and the pytest-benchmark suite: seconds in the Triton interpreter
     "cpu-tiny": dict(batch=1, grid=(4, 8, 8), heads=2, head_dim=64, hidden=64, ffn=96),
 }
-BSA_TILE = (4, 4, 8)
-BSA_SPARSITY = 0.875
+# BSA settings measured: the published model config (dit/config.json) first, upstream's function
+# defaults beside it. Labels of the BSA cases carry the setting ("720p/0.9375-4x4x4").
+BSA_CONFIGS = ((0.9375, (4, 4, 4)), (0.875, (4, 4, 8)))
+
+
+def bsa_label(size: str, sparsity: float, tile) -> str:
+    return f"{size}/{sparsity:g}-{'x'.join(str(t) for t in tile)}"
 TEXT_LENS = (512, 300)  # valid text tokens per sample of the cross-attention (varlen) case
 # GEMM targets on a GPU: K = N = 4096 (attn.proj) and the FFN shapes (the packed w1|w3 with its
 # SwiGLU, and w2), at a weight-bandwidth-bound M and the 480p / 720p token counts.
@@ -45,7 +50,7 @@ GEMM_TOKENS_CPU = 64
 # allocator); errors are then taken against the first peer that ran.
 REFERENCE_BYTES_LIMIT_GPU = 24 * 1024**3
 
-OPS = ("attention.dense", "attention.bsa", "attention.varlen", "layer_norm_modulate", "gated_residual",
+OPS = ("attention.dense", "attention.bsa", "attention.bsa.gating", "attention.varlen", "layer_norm_modulate", "gated_residual",
        "rms_norm", "rope_3d", "qkv_norm_rope", "swiglu", "quant_gemm")
 
 
@@ -167,32 +172,9 @@ def _attention_cases(device, dtype, sizes, use_compile) -> List[Case]:
             dense.impls.append(Impl(name, "peer", fn=fn))
         cases.append(dense)
 
-        # block-sparse (BSA): same inputs; FLOPs counted over the selected tiles only
-        bsa_kw = dict(sparsity=BSA_SPARSITY, tile=BSA_TILE)
-        n_tiles = math.prod(math.ceil(a / t) for a, t in zip((T, H, W), BSA_TILE))
-        keep = max(1, int((1 - BSA_SPARSITY) * n_tiles)) / n_tiles
-        bsa = Case("attention.bsa", label, dict(batch=B, heads=Hd, seq=N, head_dim=D, grid=[T, H, W], tile=list(BSA_TILE),
-                                                sparsity=BSA_SPARSITY, density=keep, dtype=str(dtype)[6:]),
-                   make_qkv, flops=dense_flops * keep, nbytes=4.0 * B * Hd * N * D * dtype.itemsize)
-        grid = (T, H, W)
-        bsa.impls.append(_impl("longcat", "subject", "longcat.kernels.attention", "block_sparse_attention",
-                               call=lambda f, grid=grid: (lambda q, k, v: f(q, k, v, grid, grid, **bsa_kw))))
-        ref = _impl("reference", "reference", "longcat.kernels.attention", "block_sparse_attention_reference",
-                    call=lambda f, grid=grid: (lambda q, k, v: f(q, k, v, grid, grid, **bsa_kw)))
-        if not ref_ok:
-            ref = Impl("reference", "reference", unavailable=big_note)
-        bsa.impls.append(ref)
-        bsa.impls.append(_flex_impl(device, grid))
-        up, why = upstream_bsa_fn()
-        if up is None:
-            bsa.impls.append(Impl("upstream-bsa", "peer", unavailable=why))
-        else:
-            bsa.impls.append(Impl("upstream-bsa", "peer", fn=lambda q, k, v, up=up, grid=grid: up(
-                q, k, v, grid, grid, sparsity=BSA_SPARSITY, chunk_3d_shape_q=list(BSA_TILE), chunk_3d_shape_k=list(BSA_TILE))))
-        dense_peer = "sdpa-flash" if "sdpa-flash" in sdpa else next(iter(sdpa))
-        bsa.impls.append(Impl(f"dense-{dense_peer}", "peer", fn=sdpa[dense_peer],
-                              note="dense attention on the same inputs: the cost BSA avoids (errors are vs dense)"))
-        cases.append(bsa)
+        for sparsity, tile in BSA_CONFIGS:
+            cases += _bsa_cases(device, label, (T, H, W), B, Hd, D, dtype, make_qkv, sparsity, tile, dense_flops,
+                                ref_ok, big_note, sdpa)
 
         # variable-length cross-attention: every sample's queries against its own valid text tokens
         lens = TEXT_LENS if device.type == "cuda" else (24, 11)
@@ -218,7 +200,50 @@ def _attention_cases(device, dtype, sizes, use_compile) -> List[Case]:
     return cases
 
 
-def _flex_impl(device, grid) -> Impl:
+def _bsa_cases(device, size, grid, B, Hd, D, dtype, make_qkv, sparsity, tile, dense_flops, ref_ok, big_note,
+               sdpa) -> List[Case]:
+    """BSA forward (gating included) against its reference, FlexAttention with the same block mask,
+    upstream's kernel and dense attention; and the gating alone (``attention.bsa.gating``), so that
+    its share of the BSA time is measured. Same inputs as the dense case; FLOPs over the kept tiles."""
+    T, H, W = grid
+    N = T * H * W
+    label = bsa_label(size, sparsity, tile)
+    bsa_kw = dict(sparsity=sparsity, tile=tile)
+    n_tiles = math.prod(math.ceil(a / t) for a, t in zip(grid, tile))
+    keep = max(1, int((1 - sparsity) * n_tiles)) / n_tiles
+    params = dict(batch=B, heads=Hd, seq=N, head_dim=D, grid=[T, H, W], tile=list(tile), sparsity=sparsity,
+                  density=keep, dtype=str(dtype)[6:])
+    bsa = Case("attention.bsa", label, params, make_qkv, flops=dense_flops * keep,
+               nbytes=4.0 * B * Hd * N * D * dtype.itemsize)
+    call = (lambda f: (lambda q, k, v: f(q, k, v, grid, grid, **bsa_kw)))
+    bsa.impls.append(_impl("longcat", "subject", "longcat.kernels.attention", "block_sparse_attention", call=call))
+    ref = _impl("reference", "reference", "longcat.kernels.attention", "block_sparse_attention_reference", call=call)
+    bsa.impls.append(ref if ref_ok else Impl("reference", "reference", unavailable=big_note))
+    bsa.impls.append(_flex_impl(device, grid, sparsity, tile))
+    up, why = upstream_bsa_fn()
+    if up is None:
+        bsa.impls.append(Impl("upstream-bsa", "peer", unavailable=why))
+    else:
+        bsa.impls.append(Impl("upstream-bsa", "peer", fn=lambda q, k, v: up(
+            q, k, v, grid, grid, sparsity=sparsity, chunk_3d_shape_q=list(tile), chunk_3d_shape_k=list(tile))))
+    dense_peer = "sdpa-flash" if "sdpa-flash" in sdpa else next(iter(sdpa))
+    bsa.impls.append(Impl(f"dense-{dense_peer}", "peer", fn=sdpa[dense_peer],
+                          note="dense attention on the same inputs: the cost BSA avoids (errors are vs dense)"))
+
+    # The gating alone; the output compared is the 0/1 tile mask (same set of tiles = error 0).
+    gating = Case("attention.bsa.gating", label, params, make_qkv, nbytes=2.0 * B * Hd * N * D * dtype.itemsize)
+    sel_call = (lambda f: (lambda q, k, v: f(q, k, grid, grid, sparsity, None, tile)))
+    from longcat.kernels.attention.block_sparse import selection_to_tile_mask
+
+    for impl in (_impl("longcat", "subject", "longcat.kernels.attention", "block_sparse_selection", call=sel_call),
+                 _impl("reference", "reference", "longcat.kernels.attention", "block_sparse_selection_reference",
+                       call=sel_call)):
+        impl.output = lambda sel: selection_to_tile_mask(*sel, n_tiles).float()
+        gating.impls.append(impl)
+    return [bsa, gating]
+
+
+def _flex_impl(device, grid, sparsity, tile) -> Impl:
     """FlexAttention with the BSA selection as its block mask. Flex blocks are contiguous runs of
     tokens, so q, k, v are permuted to tile order first (as upstream BSA does); that and the
     selection are preparation, not timed. Needs every tile full (the grid a multiple of the tile)."""
@@ -226,22 +251,22 @@ def _flex_impl(device, grid) -> Impl:
         run, make_block_mask = flex_attention_fn(device)
     except Unavailable as e:
         return Impl("flex-attention", "peer", unavailable=str(e))
-    if any(a % t for a, t in zip(grid, BSA_TILE)):
-        return Impl("flex-attention", "peer", unavailable=f"grid {tuple(grid)} is not a multiple of the tile {BSA_TILE} (flex blocks must be full tiles)")
-    from longcat.kernels.attention.block_sparse import block_sparse_selection_reference, token_tile_ids
+    if any(a % t for a, t in zip(grid, tile)):
+        return Impl("flex-attention", "peer", unavailable=f"grid {tuple(grid)} is not a multiple of the tile {tile} (flex blocks must be full tiles)")
+    from longcat.kernels.attention import block_sparse_selection
+    from longcat.kernels.attention.block_sparse import token_tile_ids
 
-    try:
-        from longcat.kernels.attention import block_sparse_selection as select
-    except ImportError:
-        select = block_sparse_selection_reference
-    block = math.prod(BSA_TILE)
-    perm = torch.argsort(token_tile_ids(grid, BSA_TILE, device), stable=True)
+    block = math.prod(tile)
+    perm = torch.argsort(token_tile_ids(grid, tile, device), stable=True)
     inv = torch.argsort(perm)
 
     def prepare(inputs):
         q, k, v = inputs
-        idx, cnt = select(q, k, grid, grid, BSA_SPARSITY, None, BSA_TILE)
-        mask = make_block_mask(idx.int(), cnt.int(), block, q.shape[2], k.shape[2])
+        idx, cnt = block_sparse_selection(q, k, grid, grid, sparsity, None, tile)
+        # FlexAttention reads the width of its index rows as the number of key blocks
+        full = idx.new_zeros(idx.shape[:-1] + (k.shape[2] // block,))
+        full[..., :idx.shape[-1]] = idx
+        mask = make_block_mask(full.int(), cnt.int(), block, q.shape[2], k.shape[2])
         return q[:, :, perm].contiguous(), k[:, :, perm].contiguous(), v[:, :, perm].contiguous(), mask
 
     return Impl("flex-attention", "peer", fn=run, prepare=prepare, output=lambda o: o[:, :, inv],
@@ -286,6 +311,43 @@ def _elementwise_cases(device, dtype, sizes, use_compile) -> List[Case]:
         case.impls += [ref, _compiled_impl("torch.compile(reference)", ref.fn, use_compile)]
         cases.append(case)
 
+        def make_res_mod(seed, B=B, N=N, T=T, C=C):
+            g = _gen(device, seed)
+            return (_randn((B, N, C), dtype, device, g), _randn((B, N, C), dtype, device, g),
+                    *(_randn((B, T, C), torch.float32, device, g, 0.1) for _ in range(3)))
+
+        # "fused_norm.*": the fused norms the block calls (GB/s in ``longcat-bench kernels``; the
+        # accuracy sweep of ``check`` covers their kernel through layer_norm_modulate / gated_residual)
+        # the FFN input: residual + LayerNorm-modulate in one pass (reads x, y; writes x, normed)
+        case = Case("fused_norm.gated_residual_layer_norm", label, dict(common, hidden=C), make_res_mod, nbytes=4.0 * B * N * C * el,
+                    fixed_dtype_args=(2, 3, 4))
+        case.impls.append(_impl("longcat", "subject", f"{K}.residual", "gated_residual_layer_norm"))
+        ref = _impl("reference", "reference", f"{K}.residual", "gated_residual_layer_norm_reference")
+        case.impls += [ref, _compiled_impl("torch.compile(reference)", ref.fn, use_compile)]
+        for impl in case.impls:
+            impl.output = lambda o: torch.stack([t.float() for t in o])
+        cases.append(case)
+
+        # the W8A8 GEMM inputs: LayerNorm-modulate (qkv) and residual + LayerNorm-modulate (w1|w3)
+        # emitting 8-bit codes and per-token scales (compared dequantised)
+        for qname, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+            codes = B * N * C + 4.0 * B * N
+            call = (lambda f, qd=qdtype: (lambda *a: f(*a, qdtype=qd)))
+            case = Case(f"fused_norm.layer_norm_modulate_quant[{qname}]", label, dict(common, hidden=C), make_mod,
+                        nbytes=B * N * C * el + codes, fixed_dtype_args=(1, 2))
+            case.impls.append(_impl("longcat", "subject", f"{K}.modulate", "layer_norm_modulate_quant", call=call))
+            case.impls.append(_impl("reference", "reference", f"{K}.modulate", "layer_norm_modulate_quant_reference", call=call))
+            for impl in case.impls:
+                impl.output = lambda o: o[0].float() * o[1].unsqueeze(-1)
+            cases.append(case)
+            case = Case(f"fused_norm.gated_residual_layer_norm_quant[{qname}]", label, dict(common, hidden=C), make_res_mod,
+                        nbytes=3.0 * B * N * C * el + codes, fixed_dtype_args=(2, 3, 4))
+            case.impls.append(_impl("longcat", "subject", f"{K}.residual", "gated_residual_layer_norm_quant", call=call))
+            case.impls.append(_impl("reference", "reference", f"{K}.residual", "gated_residual_layer_norm_quant_reference", call=call))
+            for impl in case.impls:
+                impl.output = lambda o: torch.cat([o[0].float(), o[1].float() * o[2].unsqueeze(-1)])
+            cases.append(case)
+
         def make_rms(seed, B=B, N=N, Hd=Hd, D=D):
             g = _gen(device, seed)
             return _randn((B, N, Hd, D), dtype, device, g), 1 + _randn((D,), dtype, device, g, 0.1)
@@ -313,8 +375,9 @@ def _elementwise_cases(device, dtype, sizes, use_compile) -> List[Case]:
             return (_randn((B, N, 3 * Hd * D), dtype, device, g), 1 + _randn((D,), dtype, device, g, 0.1),
                     1 + _randn((D,), dtype, device, g, 0.1))
 
+        # reads the q and k columns, writes q and k (v stays a view of qkv)
         case = Case("qkv_norm_rope", label, dict(common, heads=Hd, head_dim=D, grid=list(grid)), make_qkv,
-                    nbytes=2.0 * B * N * 3 * Hd * D * el)
+                    nbytes=4.0 * B * N * Hd * D * el)
         call = (lambda f, Hd=Hd, grid=grid: (lambda qkv, wq, wk: f(qkv, wq, wk, Hd, grid)))
         case.impls.append(_impl("longcat", "subject", f"{K}.qkv_prep", "qkv_norm_rope", call=call))
         ref = _impl("reference", "reference", f"{K}.qkv_prep", "qkv_norm_rope_reference", call=call)

@@ -306,6 +306,13 @@ def cmd_kernels(args) -> int:
         for u in unavailable:
             print(f"  {u}")
     extra = {"ceilings": ceilings, "notice": notice} if notice else {"ceilings": ceilings}
+    from .targets import bsa_targets, format_targets
+
+    targets = bsa_targets(records)
+    if targets:
+        print("\nblock-sparse attention targets (720p):")
+        print(format_targets(targets))
+        extra["bsa_targets"] = targets
     _write(make_results("kernels", records, extra=extra), args.json)
     return 1 if any(r.get("status") == "error" and r.get("role") == "subject" for r in records) else 0
 

@@ -30,7 +30,7 @@ python3 -c "import torch, triton, longcat; print('torch', torch.__version__, 'tr
 
 # (the real-size pipeline test is the longcat-bench pipeline step below, with its own time limit)
 step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml" -k "not test_720p_refine_fits_8gb_on_the_gpu"
-step 170 python3 -m longcat.bench kernels --ops attention layer_norm_modulate gated_residual rms_norm rope_3d qkv_norm_rope swiglu --json "$OUT/kernels-h200.json"
+step 200 python3 -m longcat.bench kernels --ops attention layer_norm_modulate gated_residual rms_norm rope_3d qkv_norm_rope swiglu --json "$OUT/kernels-h200.json"  # prints the BSA targets (bench/targets.py)
 # GEMM targets (M = 1024, 37,440, 168,960): 8-bit GEMMs vs bf16 cuBLAS, torch._scaled_mm and the peers; packed vs unpacked FFN
 step 150 python3 -m longcat.bench kernels --ops quant_gemm --json "$OUT/gemm-h200.json"
 step 40  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"

@@ -228,6 +228,33 @@ def _is_gpu(doc: dict) -> bool:
     return bool((doc.get("machine") or doc.get("machine_info") or {}).get("gpu"))  # None / "" on a CPU run
 
 
+def render_block_traffic(latent=(48, 88, 160), ceiling_gbps: float = 4300.0) -> str:
+    """The HBM-traffic-per-block table at 720p for each quantization mode, from the memory
+    planner's ``block_traffic`` (a model, not a measurement)."""
+    from longcat.memory_plan import block_traffic
+
+    modes = [("bf16", True), ("int8", True), ("fp8", True),
+             ("int8-dynamic", False), ("int8-dynamic", True), ("fp8-dynamic", False), ("fp8-dynamic", True)]
+    rows, passes = [], None
+    for weights, once in modes:
+        t = block_traffic(latent=latent, weights=weights, quantize_once=once)
+        w8a8 = weights.endswith("-dynamic")
+        label = weights + (" (activations quantized once)" if w8a8 and once else " (every Linear quantizes)" if w8a8 else "")
+        rows.append([label, _f(t.weight_bytes / 1e9, "{:.3f}"), _f(t.activation_bytes / 1e9, "{:.1f}"),
+                     _f(t.total_bytes / 1e9, "{:.1f}"), _f(t.total_bytes / (ceiling_gbps * 1e9) * 1e3, "{:.1f}")])
+        if weights == "bf16":
+            passes = [[k, _f(v / 1e9, "{:.2f}")] for k, v in t.passes.items()]
+    tokens = t.tokens
+    return "\n".join([
+        "## HBM traffic per block at 720p (model)", "",
+        f"Computed by `longcat.memory_plan.block_traffic(latent={tuple(latent)})` ({tokens:,} tokens, fused ops): the bytes",
+        "each pass must read and write once; GEMM tile re-reads from L2 and the 512 text tokens are not counted. A model,",
+        f"not a measurement; the time column is the traffic at {ceiling_gbps / 1e3:.1f} TB/s.", "",
+        _table(["quantization", "weights GB", "activations GB", "total GB", "ms at copy bandwidth"], rows), "",
+        "Per pass (bf16):", "", _table(["pass", "GB"], passes), "",
+    ])
+
+
 def render_markdown(docs: List[Tuple[str, dict]], plots: Optional[List[str]] = None, plot_note: str = "") -> str:
     gpu_docs = [d for _, d in docs if _is_gpu(d)]
     lines = ["# Benchmarks", "",
@@ -271,6 +298,7 @@ def render_markdown(docs: List[Tuple[str, dict]], plots: Optional[List[str]] = N
                 lines.append(_accuracy_tables([r for r in recs if r.get("name") == "memory_plan"]))
         else:
             lines.append(_kernel_table(recs) if any(r.get("name") == "kernel" for r in recs) else _accuracy_tables(recs))
+    lines.append(render_block_traffic())
     lines += _compiled_section(docs)
     if plots:
         lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({p})" for p in plots] + [""]

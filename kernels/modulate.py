@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ._launch import check_grid_axis1, frame_chunks, row_tile
 from ._runtime import FP8_NEEDS_SM89, check_same_device, check_tensor, fallback_warning, fp8_supported, triton_runs_on
+from .quantize_activations import AMAX_EPS, QMAX as QUANT_DTYPES, quantize_per_token_reference, quantize_tile
 
 __all__ = [
     "layer_norm_modulate",
@@ -25,7 +26,6 @@ __all__ = [
 ]
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-QUANT_DTYPES = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
 def check_frame_modulation(name: str, mod: torch.Tensor, x: torch.Tensor) -> int:
@@ -95,19 +95,13 @@ def layer_norm_modulate_quant_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch oracle of LayerNorm-modulate followed by symmetric per-token quantization.
 
-    The normalised values are quantized as computed (float32, no rounding to x.dtype first):
-    ``s = amax(|y|) / qmax`` per token (qmax 127 for int8, 448 for float8_e4m3fn),
-    ``q = round(y / s)`` clamped to [-127, 127] for int8 (round half to even), ``(y / s)`` cast
-    to float8_e4m3fn. A token whose values are all 0 gets s = 0 and q = 0.
+    The normalised values are quantized as computed (float32, no rounding to x.dtype first), by
+    the rounding rule of ``longcat.kernels.quantize_activations`` (:func:`quantize_per_token_reference`).
     Returns (q [B, N, C] in qdtype, s [B, N] float32); ``q * s`` approximates y.
     """
-    qmax = _qmax(qdtype)
+    _qmax(qdtype)
     y = _layer_norm_modulate_math(x, shift, scale, weight, bias, eps)
-    s = y.abs().amax(dim=-1) / qmax
-    v = y / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
-    v = v.clamp(-qmax, qmax)
-    q = v.round().to(qdtype) if qdtype == torch.int8 else v.to(qdtype)
-    return q, s.to(torch.float32)
+    return quantize_per_token_reference(y.to(torch.float32), qdtype)
 
 
 def _qmax(qdtype) -> float:
@@ -125,13 +119,26 @@ def _qmax(qdtype) -> float:
 
 
 @triton.jit
+def _load_row_tile(X, RES, b, N, C, rows, end, cols, cmask, HAS_RES: tl.constexpr):
+    """Rows ``rows`` (< end) of X and, with HAS_RES, of RES, in their storage dtypes."""
+    mask = (rows < end)[:, None] & cmask[None, :]
+    offs = (b * N + rows.to(tl.int64))[:, None] * C + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(RES + offs, mask=mask, other=0.0)
+    else:
+        r = x
+    return x, r
+
+
+@triton.jit
 def _fused_norm_fwd_kernel(
     X, RES, GATE, H_OUT, SHIFT, SCALE, W, BIAS, Y, QS,
     N, L, C, T, CHUNK, eps,
     sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    AMAX_EPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -150,14 +157,19 @@ def _fused_norm_fwd_kernel(
         bb = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
     first = f * L + pid_c * CHUNK  # token index inside batch b
     end = tl.minimum(f * L + L, first + CHUNK)
+    # Software pipeline: the next rows' loads are issued before this rows' reductions, so every
+    # program keeps two row tiles in flight (a row-per-iteration loop with no prefetch leaves HBM
+    # idle while it reduces).
+    x_next, r_next = _load_row_tile(X, RES, b, N, C, first + tl.arange(0, ROWS), end, cols, cmask, HAS_RES)
     for r0 in range(0, CHUNK, ROWS):
         rows = first + r0 + tl.arange(0, ROWS)
         rmask = rows < end
         mask = rmask[:, None] & cmask[None, :]
         offs = (b * N + rows.to(tl.int64))[:, None] * C + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x_next.to(tl.float32)
+        r = r_next.to(tl.float32)
+        x_next, r_next = _load_row_tile(X, RES, b, N, C, rows + ROWS, end, cols, cmask, HAS_RES)
         if HAS_RES:
-            r = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_GATE:
                 x = x + g[None, :] * r
             else:
@@ -179,16 +191,8 @@ def _fused_norm_fwd_kernel(
             if QUANT == 0:
                 tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
             else:
-                amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
-                s = tl.div_rn(amax, QMAX)
-                v = tl.div_rn(y, tl.where(s > 0, s, 1.0)[:, None])
-                v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-                if QUANT == 1:
-                    # round half to even (torch.round): exact for |v| < 2**22
-                    v = (v + 12582912.0) - 12582912.0
-                    tl.store(Y + offs, v.to(tl.int8), mask=mask)
-                else:
-                    tl.store(Y + offs, v.to(Y.dtype.element_ty), mask=mask)
+                q, s = quantize_tile(y, mask, QMAX, AMAX_EPS, QUANT == 1)
+                tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=mask)
                 tl.store(QS + b * N + rows, s, mask=rmask)
 
 
@@ -335,7 +339,7 @@ def _launch_norm_fwd(x, res=None, gate=None, shift=None, scale=None, weight=None
         *_strides_bt(gate), *_strides_bt(shift), *_strides_bt(scale),
         HAS_RES=res is not None, HAS_GATE=gate is not None, HAS_NORM=has_norm,
         HAS_MOD=shift is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        QUANT=quant, QMAX=qmax, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=warps,
+        QUANT=quant, QMAX=qmax, AMAX_EPS=AMAX_EPS, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=warps,
     )
     return h, y, qs
 

@@ -1,12 +1,17 @@
 """Dynamic per-token activation quantization for the W8A8 GEMMs of ``longcat.kernels.quant_gemm``.
 
-Convention (shared with every producer of 8-bit activations, e.g. a fused norm that emits int8):
-for each token (row) ``scale = max(amax(|x_row|), EPS) / QMAX`` in float32, with QMAX = 127 for
-int8 and 448 for float8_e4m3fn; then ``q = x / scale`` rounded half-to-even and clamped to
-[-127, 127] for int8, or clamped to [-448, 448] and cast (round-to-nearest-even) for fp8. The
-dequantised value is ``q * scale``. A row of zeros gets ``scale = EPS / QMAX`` and ``q = 0``.
+The rounding rule, the one every producer of 8-bit activations follows (``quantize_per_token``
+here and the fused LayerNorm-modulate kernels of ``modulate.py``/``residual.py``, which share
+the ``quantize_tile`` helper below), bit for bit on a GPU, in the interpreter and in the
+references: for each token (row) of float32 values v,
+``scale = max(amax(|v|), AMAX_EPS) / QMAX`` (IEEE division, round to nearest even), with QMAX =
+127 for int8 and 448 for float8_e4m3fn; then ``v / scale`` (IEEE division), clamped to
+[-QMAX, QMAX] and rounded to the nearest int8 value, or float8_e4m3fn value, ties to even. The
+dequantised value is ``q * scale``. A row of zeros gets ``scale = AMAX_EPS / QMAX`` and ``q = 0``.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -17,6 +22,7 @@ from ._runtime import check_tensor, fallback_warning, fp8_supported, interpreter
 
 __all__ = [
     "QMAX",
+    "QuantizedActivations",
     "AMAX_EPS",
     "quantize_per_token",
     "quantize_per_token_reference",
@@ -27,6 +33,21 @@ QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 # Floor on a token's amax so an all-zero token divides by a positive scale, never by 0.
 AMAX_EPS = 1e-12
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class QuantizedActivations(NamedTuple):
+    """8-bit activations with their per-token scales, as a producer (e.g. the fused
+    LayerNorm-modulate) hands them to W8A8 Linear layers, so they are quantized once for every
+    consumer. q: [..., K] int8/float8_e4m3fn; scale: q.shape[:-1] float32; dtype: the activation
+    dtype the consumers return."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    def rows(self, start: int, stop: int) -> "QuantizedActivations":
+        """Tokens [start, stop) of dimension 1 (a frame chunk of [B, N, K] activations)."""
+        return QuantizedActivations(self.q[:, start:stop], self.scale[:, start:stop], self.dtype)
 
 
 def _check_qdtype(qdtype) -> torch.dtype:
@@ -82,38 +103,40 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def quantize_tile(v, mask, QMAX_C: tl.constexpr, EPS: tl.constexpr, IS_INT8: tl.constexpr):
+    """The rounding rule of the module docstring on a [ROWS, BLOCK] float32 tile holding whole
+    rows (``mask`` marks the real elements). Returns (codes as exactly representable float32
+    values: cast them to the 8-bit dtype, scale [ROWS] float32)."""
+    amax = tl.max(tl.where(mask, tl.abs(v), 0.0), axis=1)
+    scale = tl.div_rn(tl.maximum(amax, EPS), QMAX_C)
+    v = tl.div_rn(v, scale[:, None])
+    v = tl.minimum(tl.maximum(v, -QMAX_C), QMAX_C)
+    if IS_INT8:
+        q = _round_half_even(v)
+    else:
+        q = _round_to_e4m3(v)
+    return q, scale
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm,
     QMAX_C: tl.constexpr, EPS: tl.constexpr, IS_INT8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # One pass: each program holds BLOCK_M whole rows in registers (one read, one write).
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
     cols = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    q_row = q_ptr + rows.to(tl.int64)[:, None] * K
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    q, scale = quantize_tile(v, mask, QMAX_C, EPS, IS_INT8)
+    tl.store(s_ptr + rows, scale, mask=rows < M)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
 
-    # Pass 1: per-row amax (the second read of the row is served mostly from L2).
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask = row_mask[:, None] & ((k0 + cols)[None, :] < K)
-        v = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-    scale = tl.maximum(amax, EPS) / QMAX_C
-    tl.store(s_ptr + rows, scale, mask=row_mask)
 
-    # Pass 2: quantize.
-    for k0 in range(0, K, BLOCK_K):
-        mask = row_mask[:, None] & ((k0 + cols)[None, :] < K)
-        v = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = v / scale[:, None]
-        v = tl.minimum(tl.maximum(v, -QMAX_C), QMAX_C)
-        if IS_INT8:
-            q = _round_half_even(v).to(tl.int8)
-        else:
-            q = _round_to_e4m3(v).to(q_ptr.dtype.element_ty)
-        tl.store(q_row + k0 + cols[None, :], q, mask=mask)
+# Rows longer than this do not fit in one program's registers.
+MAX_ROW = 65536
 
 
 def _launch_quantize_per_token(x2: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,12 +145,12 @@ def _launch_quantize_per_token(x2: torch.Tensor, qdtype: torch.dtype) -> tuple[t
     s = torch.empty((M,), dtype=torch.float32, device=x2.device)
     if M == 0:
         return q, s
+    block_k = triton.next_power_of_2(max(K, 16))
     if interpreter_enabled():  # the config choice depends on where kernels run, as in every launcher
-        block_m, block_k, warps = 16, 64, 1
+        block_m, warps = max(1, min(64, 16384 // block_k)), 1
     else:
-        block_m = 1 if M >= 4096 else 4 if M >= 64 else 1
-        block_k = min(triton.next_power_of_2(max(K, 16)), 2048 if block_m == 1 else 512)
-        warps = 8 if block_k * block_m >= 2048 else 4
+        # one row per program (4096: 8 warps, 16 elements per thread; 11008: 16 warps, 32)
+        block_m, warps = 1, max(4, min(16, block_k // 512))
     grid = (triton.cdiv(M, block_m),)
     _quantize_per_token_kernel[grid](
         x2, q, s, M, K, x2.stride(0),
@@ -168,4 +191,6 @@ def quantize_per_token(x: torch.Tensor, qdtype=torch.int8) -> tuple[torch.Tensor
     check_tensor("x", x, dtypes=ACT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last (channel) dimension, got shape {tuple(x.shape)}")
+    if x.shape[-1] > MAX_ROW:
+        raise ValueError(f"x has rows of {x.shape[-1]} elements; at most {MAX_ROW} are supported")
     return _quantize_per_token_op(x, qdtype == torch.int8)

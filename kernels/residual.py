@@ -9,12 +9,14 @@ import torch
 
 from ._runtime import check_same_device, check_tensor, fallback_warning, triton_runs_on
 from ._launch import check_grid_axis1, frame_chunks, row_tile
+from .quantize_activations import quantize_per_token_reference
 from .modulate import (
     _FWD_TARGET_PROGRAMS,
     ACT_DTYPES,
     _fused_norm_fwd_kernel,
     _launch_norm_fwd,
     _layer_norm_modulate_math,
+    _qmax,
     check_frame_modulation,
     check_norm_inputs,
     unit_stride,
@@ -23,6 +25,8 @@ from .modulate import (
 __all__ = [
     "gated_residual",
     "gated_residual_layer_norm",
+    "gated_residual_layer_norm_quant",
+    "gated_residual_layer_norm_quant_reference",
     "gated_residual_reference",
     "gated_residual_layer_norm_reference",
 ]
@@ -70,6 +74,27 @@ def gated_residual_layer_norm_reference(
         new_x = gated_residual_reference(x, y, gate)
     normed = _layer_norm_modulate_math(new_x, shift, scale, weight, bias, eps).to(x.dtype)
     return new_x, normed
+
+
+def gated_residual_layer_norm_quant_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    qdtype: torch.dtype = torch.int8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch oracle of the residual fused with the next norm and per-token quantization of
+    the normed values (float32, not rounded to x.dtype first; the rule of
+    ``longcat.kernels.quantize_activations``). Returns (new_x, q, s)."""
+    _qmax(qdtype)
+    new_x, _ = gated_residual_layer_norm_reference(x, y, gate, None, None, None, None, eps)
+    y_norm = _layer_norm_modulate_math(new_x, shift, scale, weight, bias, eps)
+    q, s = quantize_per_token_reference(y_norm.to(torch.float32), qdtype)
+    return new_x, q, s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +160,7 @@ def _launch_inplace(x, y, gate):
         N, L, C, T, chunk, 0.0,
         gate.stride(0), gate.stride(1), 0, 0, 0, 0,
         HAS_RES=True, HAS_GATE=True, HAS_NORM=False, HAS_MOD=False, HAS_W=False, HAS_B=False,
-        QUANT=0, QMAX=1.0, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=warps,
+        QUANT=0, QMAX=1.0, AMAX_EPS=0.0, ROWS=ROWS, BLOCK_C=BLOCK_C, num_warps=warps,
     )
 
 
@@ -178,6 +203,21 @@ def _grln_backward(ctx, grad_h, grad_normed):
 
 
 _gated_residual_layer_norm_op.register_autograd(_grln_backward, setup_context=_grln_setup)
+
+
+@torch.library.custom_op(
+    "longcat::gated_residual_layer_norm_quant",
+    mutates_args=(),
+    schema="(Tensor x, Tensor y, Tensor? gate, Tensor? shift, Tensor? scale, Tensor? weight, Tensor? bias, "
+    "float eps, ScalarType qdtype) -> (Tensor, Tensor, Tensor)",
+)
+def _gated_residual_layer_norm_quant_op(x, y, gate, shift, scale, weight, bias, eps, qdtype):
+    return _launch_norm_fwd(x, y, gate, shift, scale, weight, bias, eps, True, None, qdtype)
+
+
+@_gated_residual_layer_norm_quant_op.register_fake
+def _(x, y, gate, shift, scale, weight, bias, eps, qdtype):
+    return torch.empty_like(x), x.new_empty(x.shape, dtype=qdtype), x.new_empty(x.shape[:2], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,3 +291,31 @@ def gated_residual_layer_norm(
         )
     fallback_warning("gated_residual_layer_norm")
     return gated_residual_layer_norm_reference(x, y, gate, shift, scale, weight, bias, eps)
+
+
+def gated_residual_layer_norm_quant(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    qdtype: torch.dtype = torch.int8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gated_residual_layer_norm` whose normed output is quantized per token for the W8A8
+    GEMMs that read it (the FFN input): returns (new_x [B, N, C] in x.dtype, q [B, N, C] in
+    ``qdtype`` (torch.int8 or torch.float8_e4m3fn), s [B, N] float32), see
+    :func:`gated_residual_layer_norm_quant_reference`. Not differentiable."""
+    _check_residual_inputs(x, y, gate)
+    check_norm_inputs(x, shift, scale, weight, bias)
+    _qmax(qdtype)
+    if gate is not None and shift is not None and gate.shape[1] != shift.shape[1]:
+        raise ValueError(f"gate has {gate.shape[1]} frames but shift has {shift.shape[1]}; they must agree")
+    if triton_runs_on(x, y, gate, shift, scale, weight, bias):
+        return _gated_residual_layer_norm_quant_op(
+            x, y, unit_stride(gate), unit_stride(shift), unit_stride(scale), weight, bias, float(eps), qdtype
+        )
+    fallback_warning("gated_residual_layer_norm_quant")
+    return gated_residual_layer_norm_quant_reference(x, y, gate, shift, scale, weight, bias, eps, qdtype)

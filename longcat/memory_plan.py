@@ -16,11 +16,11 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-from .model import LongCatVideoTransformer3DModel, ffn_hidden_size
+from .model import LongCatVideoTransformer3DModel, _bsa_kwargs, ffn_hidden_size
 from .ops import ATTENTION_BACKENDS
 from .presets import get_preset
 
-__all__ = ["MemoryPlan", "plan_memory", "latent_grid_for_video"]
+__all__ = ["MemoryPlan", "plan_memory", "latent_grid_for_video", "BlockTraffic", "block_traffic"]
 
 GB = 1e9
 WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "int8", "fp8", "int8-dynamic", "fp8-dynamic")
@@ -160,6 +160,7 @@ def plan_memory(
     if attention_chunk_frames and context_parallel > 1:
         raise ValueError("attention_chunk_frames is not combined with context parallelism")
     T, H, W = (int(v) for v in latent)
+    bsa = _bsa_kwargs(config.get("bsa_params"))  # the model's BSA settings (upstream's defaults without)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(weights, torch.bfloat16)
     total, blocks_bytes, block_bytes, depth = _weight_bytes(json.dumps(config, sort_keys=True, default=str), weights, act_dtype)
     if offload == "blocks":
@@ -185,7 +186,7 @@ def plan_memory(
         # and their normed and rotated copies, attention and text-attention outputs, FFN.
         achunk = attention_chunk_frames
         if attention in ("bsa", "auto"):
-            achunk = -(-achunk // 4) * 4  # chunks are whole block-sparse query tiles (4 frames)
+            achunk = -(-achunk // bsa["tile"][0]) * bsa["tile"][0]  # chunks are whole block-sparse query tiles
         achunk = min(T, achunk)
         chunk = achunk
         phases["self-attention (chunked)"] = 2 * x + 6 * x * achunk // T
@@ -210,8 +211,11 @@ def plan_memory(
     if attention == "reference":
         phases[attn_phase] += int(2 * batch * local_heads * n * n * q_frac) * 4  # scores and probabilities in fp32
     if attention in ("bsa", "auto"):
-        tiles = math.ceil(T / 4) * math.ceil(math.ceil(H / ph) / 4) * math.ceil(math.ceil(W / pw) / 8)
-        phases[attn_phase] += int(batch * local_heads * tiles * tiles * q_frac) * (4 + 4)  # gating scores + sorted indices
+        tt, th, tw = bsa["tile"]
+        tiles = math.ceil(T / tt) * math.ceil(math.ceil(H / ph) / th) * math.ceil(math.ceil(W / pw) / tw)
+        kept = tiles if bsa["cdf_threshold"] is not None else max(1, int((1 - bsa["sparsity"]) * tiles))
+        # gating scores (fp32) and the kept key-tile indices (int32) of every query tile
+        phases[attn_phase] += int(batch * local_heads * tiles * q_frac) * (tiles + kept) * 4
     text = batch * text_len * C * a * 4  # projected text, k, v
     kv_cache = 0
     if num_cond_latents:
@@ -231,3 +235,86 @@ def plan_memory(
     return MemoryPlan(tokens=n, batch=batch, weights_resident_bytes=int(resident), weights_total_bytes=int(total),
                       activation_peak_bytes=int(activation_peak), peak_bytes=int(peak), phase_bytes=phases, settings=settings,
                       weights_outside_blocks_bytes=int(total - blocks_bytes))
+
+
+# ----------------------------------------------------------------------------------------------
+# HBM traffic of one DiT block (a model: bytes each pass must read and write at least once)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockTraffic:
+    """HBM bytes one block reads and writes, per pass, in the order the forward runs them.
+    ``passes`` maps a pass to its bytes; the GEMMs count their weight once and their activations
+    once (tile re-reads served by L2 are not counted); text keys/values are left out (512 tokens)."""
+
+    weights: str
+    tokens: int
+    quantize_once: bool
+    weight_bytes: int
+    activation_bytes: int
+    passes: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, total_bytes=self.total_bytes)
+
+
+def block_traffic(
+    model_or_config: Union[str, dict] = "longcat-video",
+    *,
+    latent: Sequence[int] = (48, 88, 160),
+    batch: int = 1,
+    weights: str = "bf16",
+    quantize_once: bool = True,
+) -> BlockTraffic:
+    """HBM traffic of one block of the fused path (``kernel_ops(fused=True)``) at ``latent``
+    (before patching), per pass. weights: "bf16" or an 8-bit format of ``plan_memory``; with the
+    W8A8 formats ("int8-dynamic", "fp8-dynamic") ``quantize_once`` says whether the modulated
+    inputs of qkv and of w1/w3 come out of the norm kernels already 8-bit (one quantization per
+    input) or every Linear quantizes its own input (a read of the float input and a write of the
+    codes per Linear). The FFN is counted as two GEMMs (w1, w3) and a SwiGLU pass."""
+    config = get_preset(model_or_config) if isinstance(model_or_config, str) else dict(model_or_config)
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    act_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(weights, torch.bfloat16)
+    block = _meta_model({**config, "depth": 1}, weights, act_dtype).blocks[0]
+    T, H, W = (int(v) for v in latent)
+    _, ph, pw = config.get("patch_size", (1, 2, 2))
+    n = batch * T * math.ceil(H / ph) * math.ceil(W / pw)
+    C = config["hidden_size"]
+    F = ffn_hidden_size(C, config.get("mlp_ratio", 4))
+    a = torch.finfo(act_dtype).bits // 8
+    w8a8 = weights.endswith("-dynamic")
+    act = n * C * a  # one [n, C] activation
+
+    def gemm_input(width: int, pre_quantized: bool) -> int:
+        """Bytes a Linear reads for its [n, width] input (plus its own quantization pass)."""
+        if not w8a8:
+            return n * width * a
+        codes = n * width + n * 4
+        return codes if pre_quantized else n * width * a + 2 * codes
+
+    def normed_out(width: int, to_8bit: bool) -> int:
+        return n * width + n * 4 if to_8bit else n * width * a
+
+    once = w8a8 and quantize_once
+    p: Dict[str, int] = {}
+    p["LayerNorm-modulate"] = act + normed_out(C, once)
+    p["qkv GEMM (activations)"] = gemm_input(C, once) + 3 * act
+    p["QKV-prep (q, k norm + RoPE; v a view)"] = 2 * act + 2 * act
+    p["self-attention (q, k, v, out once)"] = 4 * act
+    p["proj GEMM (activations)"] = gemm_input(C, False) + act
+    p["residual + affine norm"] = 2 * act + 2 * act
+    p["cross-attention (q_linear, q norm, attention, proj)"] = (gemm_input(C, False) + act) + 2 * act + 2 * act + (gemm_input(C, False) + act)
+    p["residual + modulate (FFN input)"] = 2 * act + act + normed_out(C, once)
+    p["w1, w3 GEMMs (activations)"] = 2 * gemm_input(C, once) + 2 * n * F * a
+    p["SwiGLU"] = 3 * n * F * a
+    p["w2 GEMM (activations)"] = gemm_input(F, False) + act
+    p["gated residual"] = 3 * act
+    weight_bytes = _module_bytes(block)
+    return BlockTraffic(weights=weights, tokens=n, quantize_once=once, weight_bytes=int(weight_bytes),
+                        activation_bytes=int(sum(p.values())), passes=p)

@@ -19,6 +19,8 @@ import torch.utils.checkpoint
 
 from longcat.kernels._runtime import check_tensor
 from longcat.kernels.attention.varlen import check_cu_seqlens
+from longcat.kernels.quantize_activations import QuantizedActivations
+
 from .ffn import ffn_gate
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS
 
@@ -227,13 +229,22 @@ def _bsa_kwargs(bsa_params: Optional[dict]) -> dict:
     return out
 
 
-def _attend(attn, ops: DiTOps, q, k, v, grid, latent_t: int):
-    """Dense attention, or BSA where the module enables it (video only, as upstream: T > 1)."""
-    if getattr(attn, "enable_bsa", False) and latent_t > 1:
+def _uses_bsa(attn, latent_t: int) -> bool:
+    """BSA where the module enables it, for video only (as upstream: T > 1)."""
+    return getattr(attn, "enable_bsa", False) and latent_t > 1
+
+
+def _attend(attn, ops: DiTOps, q, k, v, grid, latent_t: int, bsa_keys=None):
+    """Dense attention, or BSA where the module enables it. ``bsa_keys``: k and v packed once by
+    ``ops.block_sparse_keys`` for several query chunks."""
+    if _uses_bsa(attn, latent_t):
         _, H, W = grid
         shape_q = (q.shape[2] // (H * W), H, W)
         shape_k = (k.shape[2] // (H * W), H, W)
-        return ops.block_sparse_attention(q, k, v, shape_q, shape_k, **_bsa_kwargs(attn.bsa_params))
+        kwargs = _bsa_kwargs(attn.bsa_params)
+        if bsa_keys is not None:
+            kwargs["keys"] = bsa_keys
+        return ops.block_sparse_attention(q, k, v, shape_q, shape_k, **kwargs)
     return ops.dense_attention(q, k, v)
 
 
@@ -336,6 +347,45 @@ def cross_attention_forward(cross, x, ops: DiTOps, text, cu_seqlens_k, num_skip_
     return out
 
 
+def _activation_qdtype(ops: DiTOps, consumers) -> Optional[torch.dtype]:
+    """The 8-bit dtype in which every module of ``consumers`` (the Linear layers reading one
+    modulated input) takes that input pre-quantized, or None. Only W8A8 layers of one format
+    whose forward is not replaced qualify: a wrapped layer (upstream's LoRA replaces ``forward``)
+    needs the float input, and then the whole group gets it."""
+    if ops.layer_norm_modulate_quant is None or ops.gated_residual_layer_norm_quant is None:
+        return None
+    qdtypes = {None if "forward" in vars(m) else getattr(m, "activation_qdtype", None) for m in consumers}
+    return qdtypes.pop() if len(qdtypes) == 1 else None
+
+
+def _modulate(ops: DiTOps, x, shift, scale, consumers):
+    """LayerNorm-modulate of x for ``consumers``: float, or 8-bit with per-token scales when they
+    all take it (quantized once for the group, by the norm kernel)."""
+    qdtype = _activation_qdtype(ops, consumers)
+    if qdtype is None:
+        return ops.layer_norm_modulate(x, shift, scale, None, None, NORM_EPS)
+    q, s = ops.layer_norm_modulate_quant(x, shift, scale, None, None, NORM_EPS, qdtype)
+    return QuantizedActivations(q, s, x.dtype)
+
+
+def _residual_modulate(ops: DiTOps, x, y, gate, shift, scale, consumers):
+    """(x + gate * y (gate None: x + y), its LayerNorm-modulate for ``consumers`` as in _modulate)."""
+    fused = ops.gated_residual_layer_norm
+    if fused is None:
+        x = ops.gated_residual(x, y, gate) if gate is not None else x + y
+        return x, _modulate(ops, x, shift, scale, consumers)
+    qdtype = _activation_qdtype(ops, consumers)
+    if qdtype is None:
+        return fused(x, y, gate, shift, scale, None, None, NORM_EPS)
+    x, q, s = ops.gated_residual_layer_norm_quant(x, y, gate, shift, scale, None, None, NORM_EPS, qdtype)
+    return x, QuantizedActivations(q, s, x.dtype)
+
+
+def _token_rows(x_m, start: int, stop: int):
+    """Tokens [start, stop) of a modulated input (a tensor or QuantizedActivations)."""
+    return x_m.rows(start, stop) if isinstance(x_m, QuantizedActivations) else x_m[:, start:stop]
+
+
 def block_forward(
     block,
     x: torch.Tensor,
@@ -361,7 +411,7 @@ def block_forward(
     mod = fp32_linear(block.adaLN_modulation[1], F.silu(t.float()))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
 
-    x_m = ops.layer_norm_modulate(x, shift_msa, scale_msa, None, None, NORM_EPS)
+    x_m = _modulate(ops, x, shift_msa, scale_msa, (block.attn.qkv,))
     kv = None
     if kv_cache is not None:
         attn_out = self_attention_with_kv_cache(block.attn, x_m, ops, grid, num_cond_latents, kv_cache)
@@ -372,27 +422,22 @@ def block_forward(
 
     norm = block.pre_crs_attn_norm
     fused = ops.gated_residual_layer_norm
+    ffn = block.ffn
+    ffn_in = (ffn.w1, ffn.w3)
     if skip_crs_attn:
-        if fused is not None:
-            x, x_m = fused(x, attn_out, gate_msa, shift_mlp, scale_mlp, None, None, NORM_EPS)
-        else:
-            x = ops.gated_residual(x, attn_out, gate_msa)
-            x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
+        x, x_m = _residual_modulate(ops, x, attn_out, gate_msa, shift_mlp, scale_mlp, ffn_in)
     else:
         # With a KV cache every token of this call is a noise token and gets text attention.
         # x holds x.shape[1] // T tokens per frame (a spatial window under context parallelism).
         n_skip = 0 if kv_cache is not None else num_cond_latents * (x.shape[1] // T)
         if fused is not None:
             x, normed = fused(x, attn_out, gate_msa, None, None, norm.weight, norm.bias, norm.eps)
-            cross_out = cross_attention_forward(block.cross_attn, normed, ops, text, cu_seqlens_k, n_skip)
-            x, x_m = fused(x, cross_out, None, shift_mlp, scale_mlp, None, None, NORM_EPS)
         else:
             x = ops.gated_residual(x, attn_out, gate_msa)
             normed = ops.layer_norm_modulate(x, None, None, norm.weight, norm.bias, norm.eps)
-            x = x + cross_attention_forward(block.cross_attn, normed, ops, text, cu_seqlens_k, n_skip)
-            x_m = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, None, None, NORM_EPS)
+        cross_out = cross_attention_forward(block.cross_attn, normed, ops, text, cu_seqlens_k, n_skip)
+        x, x_m = _residual_modulate(ops, x, cross_out, None, shift_mlp, scale_mlp, ffn_in)
 
-    ffn = block.ffn
     chunk = ops.ffn_chunk_frames
     if chunk and chunk < T and not torch.is_grad_enabled():
         # Frame chunks: each chunk reads and writes only its own tokens of x (a tensor this block
@@ -401,7 +446,7 @@ def block_forward(
         for f0 in range(0, T, chunk):
             f1 = min(T, f0 + chunk)
             xs = x[:, f0 * L: f1 * L]
-            ms = x_m[:, f0 * L: f1 * L]
+            ms = _token_rows(x_m, f0 * L, f1 * L)
             xs.copy_(ops.gated_residual(xs, ffn.w2(ffn_gate(ffn, ms, ops)), gate_mlp[:, f0:f1]))
     else:
         x = ops.gated_residual(x, ffn.w2(ffn_gate(ffn, x_m, ops)), gate_mlp)
@@ -447,7 +492,7 @@ def chunked_block_forward(
     mod = fp32_linear(block.adaLN_modulation[1], F.silu(t.float()))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
     size = int(ops.attention_chunk_frames)
-    if getattr(attn, "enable_bsa", False) and T > 1:
+    if _uses_bsa(attn, T):
         tile_t = _bsa_kwargs(attn.bsa_params)["tile"][0]
         size = -(-size // tile_t) * tile_t
 
@@ -464,14 +509,24 @@ def chunked_block_forward(
         V[:, :, :n_cache] = v_cache
     for f0, f1 in _frame_chunks(0, T, size):
         rows = slice(f0 * L, f1 * L)
-        x_m = ops.layer_norm_modulate(x[:, rows], shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
-        kv = linear_rows(attn.qkv, x_m, C, 3 * C).view(B, -1, 2, heads, D).permute(2, 0, 3, 1, 4)
+        x_m = _modulate(ops, x[:, rows], shift_msa[:, f0:f1], scale_msa[:, f0:f1], (attn.qkv,))
+        kv = linear_rows(attn.qkv, x_m, C, 3 * C)  # [B, n, 2C]: k then v
         del x_m
-        k = ops.rms_norm(kv[0], attn.k_norm.weight, attn.k_norm.eps)
-        if return_kv:
-            k_pre[:, :, rows] = k
-        K[:, :, n_cache + rows.start:n_cache + rows.stop] = ops.rope_3d(k, (f1 - f0, H, W), offset + f0)
-        V[:, :, n_cache + rows.start:n_cache + rows.stop] = kv[1]
+        if ops.qkv_norm_rope is not None:
+            # one pass: norm + RoPE of k (and the pre-RoPE k), v a view of kv
+            k_v = ops.qkv_norm_rope(kv, None, attn.k_norm.weight, heads, (f1 - f0, H, W), offset + f0, attn.k_norm.eps,
+                                    return_kv, parts="kv")
+            k_rot, v = k_v[0], k_v[1]
+            if return_kv:
+                k_pre[:, :, rows] = k_v[2]
+        else:
+            k, v = kv.view(B, -1, 2, heads, D).permute(2, 0, 3, 1, 4)
+            k = ops.rms_norm(k, attn.k_norm.weight, attn.k_norm.eps)
+            if return_kv:
+                k_pre[:, :, rows] = k
+            k_rot = ops.rope_3d(k, (f1 - f0, H, W), offset + f0)
+        K[:, :, n_cache + rows.start:n_cache + rows.stop] = k_rot
+        V[:, :, n_cache + rows.start:n_cache + rows.stop] = v
 
     # Query segments with the keys they see: condition frames attend to condition keys only.
     if kv_cache is None and num_cond_latents:
@@ -481,47 +536,50 @@ def chunked_block_forward(
     text_kv = None if skip_crs_attn else text_keys_values(cross, ops, text)
     fused = ops.gated_residual_layer_norm
     ffn = block.ffn
+    ffn_in = (ffn.w1, ffn.w3)
     for seg_start, seg_stop, n_keys in segments:
         k_seg, v_seg = K[:, :, :n_keys], V[:, :, :n_keys]
+        # BSA: K and V packed tile-major, and their tile means, once for all chunks of the segment
+        bsa_keys = None
+        if _uses_bsa(attn, T) and ops.block_sparse_keys is not None:
+            bsa_keys = ops.block_sparse_keys(k_seg, v_seg, (n_keys // L, H, W), _bsa_kwargs(attn.bsa_params)["tile"])
         for f0, f1 in _frame_chunks(seg_start, seg_stop, size):
             rows = slice(f0 * L, f1 * L)
             xs = x[:, rows]
-            x_m = ops.layer_norm_modulate(xs, shift_msa[:, f0:f1], scale_msa[:, f0:f1], None, None, NORM_EPS)
-            q = linear_rows(attn.qkv, x_m, 0, C).view(B, -1, heads, D).transpose(1, 2)
+            x_m = _modulate(ops, xs, shift_msa[:, f0:f1], scale_msa[:, f0:f1], (attn.qkv,))
+            q = linear_rows(attn.qkv, x_m, 0, C)
             del x_m  # chunk temporaries are released as soon as they are used: the peak is a few of them
-            q = ops.rope_3d(ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), (f1 - f0, H, W), offset + f0)
-            attn_out = _attend(attn, ops, q, k_seg, v_seg, grid, T)
+            if ops.qkv_norm_rope is not None:
+                (q,) = ops.qkv_norm_rope(q, attn.q_norm.weight, None, heads, (f1 - f0, H, W), offset + f0, attn.q_norm.eps,
+                                         False, parts="q")
+            else:
+                q = q.view(B, -1, heads, D).transpose(1, 2)
+                q = ops.rope_3d(ops.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps), (f1 - f0, H, W), offset + f0)
+            attn_out = _attend(attn, ops, q, k_seg, v_seg, grid, T, bsa_keys)
             del q
             attn_out = _merge_heads(attn, ops, attn_out, grid)
             gate, shift, scale = gate_msa[:, f0:f1], shift_mlp[:, f0:f1], scale_mlp[:, f0:f1]
             # Condition frames (without a cache) get no text attention, as in block_forward.
             with_text = not skip_crs_attn and (kv_cache is not None or f0 >= num_cond_latents)
-            if with_text and fused is not None:
-                xs, normed = fused(xs, attn_out, gate, None, None, norm.weight, norm.bias, norm.eps)
+            if with_text:
+                if fused is not None:
+                    xs, normed = fused(xs, attn_out, gate, None, None, norm.weight, norm.bias, norm.eps)
+                else:
+                    xs = ops.gated_residual(xs, attn_out, gate)
+                    normed = ops.layer_norm_modulate(xs, None, None, norm.weight, norm.bias, norm.eps)
                 del attn_out
                 cross_out = cross_attention_queries(cross, normed, ops, text_kv, cu_seqlens_k)
                 del normed
-                xs, x_m = fused(xs, cross_out, None, shift, scale, None, None, NORM_EPS)
+                xs, x_m = _residual_modulate(ops, xs, cross_out, None, shift, scale, ffn_in)
                 del cross_out
-            elif with_text:
-                xs = ops.gated_residual(xs, attn_out, gate)
-                del attn_out
-                normed = ops.layer_norm_modulate(xs, None, None, norm.weight, norm.bias, norm.eps)
-                xs = xs + cross_attention_queries(cross, normed, ops, text_kv, cu_seqlens_k)
-                del normed
-                x_m = ops.layer_norm_modulate(xs, shift, scale, None, None, NORM_EPS)
-            elif fused is not None:
-                xs, x_m = fused(xs, attn_out, gate, shift, scale, None, None, NORM_EPS)
-                del attn_out
             else:
-                xs = ops.gated_residual(xs, attn_out, gate)
+                xs, x_m = _residual_modulate(ops, xs, attn_out, gate, shift, scale, ffn_in)
                 del attn_out
-                x_m = ops.layer_norm_modulate(xs, shift, scale, None, None, NORM_EPS)
             # The FFN intermediates are the widest tensors: ffn_chunk_frames can split a chunk further.
             sub = min(ops.ffn_chunk_frames or (f1 - f0), f1 - f0)
             for s0, s1 in _frame_chunks(f0, f1, sub):
                 r = slice((s0 - f0) * L, (s1 - f0) * L)
-                ms = x_m[:, r]
+                ms = _token_rows(x_m, r.start, r.stop)
                 x[:, s0 * L:s1 * L] = ops.gated_residual(xs[:, r], ffn.w2(ffn_gate(ffn, ms, ops)), gate_mlp[:, s0:s1])
     if return_kv:
         return x, (k_pre, V)

@@ -37,10 +37,15 @@ class DiTOps:
     varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on packed
     [total, heads, D] (the max lengths are upper bounds known without reading the offsets).
     Optional fused paths (None: the model composes the single ops above):
-    qkv_norm_rope(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope)
-    -> (q, k, v[, k_pre_rope]) each [B, heads, N, D];
+    qkv_norm_rope(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope, parts="qkv")
+    -> (q, k, v[, k_pre_rope]) each [B, heads, N, D] (v may be a view of qkv); parts "q" ([B, N, C]
+    input) -> (q,), parts "kv" ([B, N, 2C] input) -> (k, v[, k_pre_rope]);
     gated_residual_layer_norm(x, y, gate, shift, scale, weight, bias, eps) -> (x + gate * y,
     LayerNorm(-modulate) of it) in one pass (gate None: a plain add).
+    Optional 8-bit outputs for W8A8 layers (None: those layers quantize their float input):
+    layer_norm_modulate_quant(x, shift, scale, weight, bias, eps, qdtype) -> (q, per-token scale);
+    gated_residual_layer_norm_quant(x, y, gate, shift, scale, weight, bias, eps, qdtype) ->
+    (x + gate * y, q, per-token scale).
     """
 
     name: str
@@ -55,6 +60,8 @@ class DiTOps:
     swiglu_packed: Callable = swiglu_packed_reference
     qkv_norm_rope: Optional[Callable] = None
     gated_residual_layer_norm: Optional[Callable] = None
+    layer_norm_modulate_quant: Optional[Callable] = None
+    gated_residual_layer_norm_quant: Optional[Callable] = None
     # Run the FFN (modulate, w1/w3, SwiGLU, w2, residual) this many latent frames at a time, so
     # the [N, ffn_hidden] intermediates never exist for the whole sequence (inference only).
     ffn_chunk_frames: Optional[int] = None
@@ -64,6 +71,9 @@ class DiTOps:
     # A ``longcat.context_parallel.ContextParallel``: blocks see their rank's spatial window of the
     # tokens and run self-attention on head shards (Ulysses all-to-all). None: one device.
     context_parallel: Optional[Any] = None
+    # block_sparse_keys(k, v, latent_shape_k, tile) -> keys packed once for several
+    # block_sparse_attention(..., keys=) calls (the frame-chunked path); None: no reuse.
+    block_sparse_keys: Optional[Callable] = None
 
     def replace(self, **changes) -> "DiTOps":
         return dataclasses.replace(self, **changes)
@@ -126,7 +136,8 @@ def kernel_ops(
       "auto"      "bsa".
     Text cross-attention uses the Triton varlen kernel with "bsa"/"dense", SDPA per sample with
     "sdpa". fused: Triton kernels for LayerNorm-modulate, gated residual (+ the following norm),
-    RMSNorm + RoPE and SwiGLU; otherwise the reference element-wise ops.
+    RMSNorm + RoPE and SwiGLU, and the norms' 8-bit outputs for W8A8 layers; otherwise the
+    reference element-wise ops.
     """
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
@@ -147,26 +158,28 @@ def kernel_ops(
             return attn_kernels.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
 
         if attention == "bsa":
-            def block_sparse(q, k, v, shape_q, shape_k, sparsity=0.875, cdf_threshold=None, tile=(4, 4, 8)):
+            def block_sparse(q, k, v, shape_q, shape_k, sparsity=0.875, cdf_threshold=None, tile=(4, 4, 8), keys=None):
                 return attn_kernels.block_sparse_attention(
-                    q, k, v, shape_q, shape_k, sparsity=sparsity, cdf_threshold=cdf_threshold, tile=tile
+                    q, k, v, shape_q, shape_k, sparsity=sparsity, cdf_threshold=cdf_threshold, tile=tile, keys=keys
                 )
+
+            changes.update(block_sparse_keys=attn_kernels.block_sparse_keys)
         else:
             def block_sparse(q, k, v, shape_q, shape_k, **_bsa):
                 return attn_kernels.dense_attention(q, k, v)
 
         changes.update(dense_attention=dense, varlen_attention=varlen, block_sparse_attention=block_sparse)
     if fused:
-        from longcat.kernels.modulate import layer_norm_modulate
+        from longcat.kernels.modulate import layer_norm_modulate, layer_norm_modulate_quant
         from longcat.kernels.qkv_prep import qkv_norm_rope
-        from longcat.kernels.residual import gated_residual, gated_residual_layer_norm
+        from longcat.kernels.residual import gated_residual, gated_residual_layer_norm, gated_residual_layer_norm_quant
         from longcat.kernels.rope import rms_norm, rope_3d
         from longcat.kernels.swiglu import swiglu, swiglu_packed
 
-        def fused_qkv(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope):
+        def fused_qkv(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope, parts="qkv"):
             return qkv_norm_rope(
                 qkv, q_weight, k_weight, num_heads, grid, frame_offset=frame_offset, eps=eps,
-                return_k_pre_rope=return_k_pre_rope,
+                return_k_pre_rope=return_k_pre_rope, parts=parts,
             )
 
         def fused_residual_norm(x, y, gate, shift, scale, weight, bias, eps):
@@ -183,6 +196,12 @@ def kernel_ops(
             swiglu_packed=swiglu_packed,
             qkv_norm_rope=fused_qkv,
             gated_residual_layer_norm=fused_residual_norm,
+            layer_norm_modulate_quant=lambda x, shift, scale, weight, bias, eps, qdtype: layer_norm_modulate_quant(
+                x, shift, scale, weight=weight, bias=bias, eps=eps, qdtype=qdtype
+            ),
+            gated_residual_layer_norm_quant=lambda x, y, gate, shift, scale, weight, bias, eps, qdtype: gated_residual_layer_norm_quant(
+                x, y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias, eps=eps, qdtype=qdtype
+            ),
         )
     name = f"{attention}+{'fused' if fused else 'unfused'}"
     return base.replace(name=name, ffn_chunk_frames=ffn_chunk_frames, attention_chunk_frames=attention_chunk_frames, **changes)

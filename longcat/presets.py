@@ -6,11 +6,15 @@ import copy
 __all__ = ["PRESETS", "get_preset"]
 
 PRESETS = {
-    # The released LongCat-Video DiT: 13,581,071,424 parameters, 27.2 GB in bf16.
+    # The released LongCat-Video DiT: 13,581,071,424 parameters, 27.2 GB in bf16. Its published
+    # dit/config.json also sets the BSA parameters (BSA is switched on for the 720p refinement only)
+    # and zero-padded text (every sample attends to all text positions).
     "longcat-video": dict(
         in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32,
         caption_channels=4096, mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256,
         patch_size=(1, 2, 2),
+        bsa_params=dict(sparsity=0.9375, chunk_3d_shape_q=[4, 4, 4], chunk_3d_shape_k=[4, 4, 4]),
+        text_tokens_zero_pad=True,
     ),
     # The 2-block model of the golden files (hidden 256, 2 heads of 128).
     "tiny": dict(

@@ -5,7 +5,9 @@ symmetric per output channel) and ``bias`` (activation dtype, [out]) or None. Th
 ``in_features``/``out_features`` and its class name, so upstream's LoRA loader (which asserts the
 target's class name is ``Linear`` or ``QuantizedLinear``) still accepts it. Its forward never
 builds a full-precision weight on the Triton path: W8A16 converts weight tiles inside the GEMM,
-W8A8 quantizes activations per token and multiplies 8-bit by 8-bit.
+W8A8 quantizes activations per token and multiplies 8-bit by 8-bit; a W8A8 layer also takes
+``QuantizedActivations`` (8-bit codes and per-token scales that a fused norm already produced,
+shared by every layer reading that input) and then quantizes nothing itself.
 
 ``model.to(dtype)`` / ``.half()`` move the quantized buffers between devices but never change
 their dtypes (a float32 scale in bf16 would lose precision, an e4m3 weight would be widened).
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from longcat.kernels.quant_gemm import dynamic_linear, weight_only_linear
-from longcat.kernels.quantize_activations import quantize_per_token
+from longcat.kernels.quantize_activations import QuantizedActivations, quantize_per_token
 
 from .config import WEIGHT_DTYPES, LayerSpec
 
@@ -52,6 +54,26 @@ def quantize_weight(weight: torch.Tensor, qdtype: torch.dtype = torch.int8) -> t
 def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``w_q * scale[:, None]`` in ``dtype`` (a full-size tensor: for checks and LoRA merging)."""
     return (w_q.float() * scale.float().unsqueeze(1)).to(dtype)
+
+
+def _bias_for(bias, act_dtype):
+    if bias is not None and bias.dtype != act_dtype and act_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return bias.to(act_dtype)
+    return bias
+
+
+def _activations(x, weight_dtype):
+    """(x_q, x_scale) for a W8A8 GEMM: quantized here from a float x, or as they came."""
+    if isinstance(x, QuantizedActivations):
+        if x.q.dtype != weight_dtype:
+            raise TypeError(f"QuantizedActivations hold {x.q.dtype} codes; this layer multiplies {weight_dtype}")
+        return x.q, x.scale
+    return quantize_per_token(x, weight_dtype)
+
+
+def _float_input(x, layer):
+    if isinstance(x, QuantizedActivations):
+        raise TypeError(f"{type(layer).__name__} is weight-only (W8A16): it takes float activations, not QuantizedActivations")
 
 
 class QuantizedLinear(nn.Module):
@@ -109,26 +131,33 @@ class QuantizedLinear(nn.Module):
         """The full [out, in] weight in ``dtype`` (allocates it: for LoRA merging and checks)."""
         return dequantize_weight(self.weight_q, self.weight_scale, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def activation_qdtype(self) -> Optional[torch.dtype]:
+        """The 8-bit dtype in which this layer can take its input pre-quantized
+        (``QuantizedActivations``), or None (weight-only: it needs the float input)."""
+        return self.weight_dtype if self.dynamic else None
+
+    def forward(self, x) -> torch.Tensor:
         return self.forward_rows(x, 0, self.out_features)
 
-    def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def forward_rows(self, x, start: int, stop: int) -> torch.Tensor:
         """Output features [start, stop) only (per-channel scales: a row slice of the weight is a
-        quantized Linear of its own)."""
+        quantized Linear of its own). x: a float tensor, or ``QuantizedActivations``."""
         rows = slice(start, stop)
         bias = None if self.bias is None else self.bias[rows]
         return self.matmul(x, self.weight_q[rows], self.weight_scale[rows], bias)
 
-    def matmul(self, x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+    def matmul(self, x, weight_q: torch.Tensor, weight_scale: torch.Tensor,
                bias: Optional[torch.Tensor], swiglu: bool = False) -> torch.Tensor:
         """This layer's GEMM (its weight format and activation rule) on the given quantized tensors:
         a row slice of its own, or a packed [2H, K] w1|w3 weight with ``swiglu=True`` (one GEMM with
-        the SwiGLU epilogue, the activations quantized once; see ``longcat.ffn``)."""
-        if bias is not None and bias.dtype != x.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            bias = bias.to(x.dtype)
+        the SwiGLU epilogue, the activations quantized once; see ``longcat.ffn``). x: a float
+        tensor, or ``QuantizedActivations``."""
+        bias = _bias_for(bias, x.dtype)
         if self.dynamic:
-            x_q, x_scale = quantize_per_token(x, self.weight_dtype)
+            x_q, x_scale = _activations(x, self.weight_dtype)
             return dynamic_linear(x_q, x_scale, weight_q, weight_scale, bias, x.dtype, swiglu=swiglu)
+        _float_input(x, self)
         return weight_only_linear(x, weight_q, weight_scale, bias, swiglu=swiglu)
 
     def _apply(self, fn, recurse=True):

@@ -9,6 +9,7 @@ from .block_sparse import (
     DEFAULT_TILE,
     block_sparse_attention,
     block_sparse_attention_reference,
+    block_sparse_keys,
     block_sparse_selection,
     block_sparse_selection_reference,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_TILE",
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "block_sparse_keys",
     "block_sparse_selection",
     "block_sparse_selection_reference",
     "dense_attention",

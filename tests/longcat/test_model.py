@@ -60,6 +60,35 @@ def test_padding_of_masked_text_is_ignored(small_model, gen):
     assert (c[0] - a[0]).abs().max() > 1e-3
 
 
+def test_published_config_is_the_longcat_video_preset():
+    cfg = get_preset("longcat-video")
+    assert cfg["bsa_params"] == {"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+    assert cfg["text_tokens_zero_pad"] is True
+
+
+def test_text_tokens_zero_pad_zeroes_padding_and_attends_to_every_position(gen):
+    """text_tokens_zero_pad (DESIGN.md section 3): the projected text is zeroed at padded positions
+    and every query attends to all L positions (no varlen)."""
+    torch.manual_seed(0)
+    cfg = get_preset("small")
+    zero_pad = LongCatVideoTransformer3DModel(**cfg, text_tokens_zero_pad=True).eval()
+    plain = LongCatVideoTransformer3DModel(**cfg).eval()
+    plain.load_state_dict(zero_pad.state_dict())
+    x, t, y, mask = _small_inputs(gen)
+    y2 = y.clone()
+    y2[0, :, -2:] = torch.randn_like(y2[0, :, -2:]) * 10  # padded positions: their values do not matter
+    hook = plain.y_embedder.register_forward_hook(lambda mod, inp, out: out * mask.reshape(mask.shape[0], -1, 1).to(out.dtype))
+    with torch.no_grad():
+        a, b = zero_pad(x, t, y, mask), zero_pad(x, t, y2, mask)
+        expected = plain(x, t, y, None)  # the hook zeroes the padding; no mask: all positions attended
+        hook.remove()
+        varlen = plain(x, t, y, mask)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-6)
+    assert (a[0] - varlen[0]).abs().max() > 1e-4  # zeroed positions still take softmax weight
+    torch.testing.assert_close(a[1], varlen[1], rtol=1e-4, atol=1e-5)  # sample 1 has no padding
+
+
 def test_empty_text_for_one_sample(small_model, gen):
     x, t, y, mask = _small_inputs(gen)
     mask[1] = 0

@@ -40,8 +40,10 @@ BSA_CONFIGS = ((0.9375, (4, 4, 4)), (0.875, (4, 4, 8)))
 def bsa_label(size: str, sparsity: float, tile) -> str:
     return f"{size}/{sparsity:g}-{'x'.join(str(t) for t in tile)}"
 TEXT_LENS = (512, 300)  # valid text tokens per sample of the cross-attention (varlen) case
-GEMM_SHAPES_GPU = {"attn.qkv": (12288, 4096), "ffn.w1": (11008, 4096), "ffn.w2": (4096, 11008)}
-GEMM_TOKENS_GPU = 16384
+# GEMM targets on a GPU: K = N = 4096 (attn.proj) and the FFN shapes (the packed w1|w3 with its
+# SwiGLU, and w2), at a weight-bandwidth-bound M and the 480p / 720p token counts.
+GEMM_SHAPES_GPU = {"attn.proj": (4096, 4096), "ffn.w2": (4096, 11008)}
+GEMM_TOKENS_GPU = {"small": 1024, "480p": 37440, "720p": 168960}
 GEMM_SHAPES_CPU = {"cpu-small": (256, 128), "cpu-tiny": (128, 64)}
 GEMM_TOKENS_CPU = 64
 # Above this the explicit-softmax / fp32 references are not run (they would only measure the
@@ -402,59 +404,169 @@ def _elementwise_cases(device, dtype, sizes, use_compile) -> List[Case]:
 
 
 def _quant_cases(device, dtype, sizes, use_compile) -> List[Case]:
-    cases = []
     on_gpu = device.type == "cuda"
     if on_gpu:
+        tokens = [(label, m) for label, m in GEMM_TOKENS_GPU.items() if label == "small" or label in (sizes or DEFAULT_GPU_SIZES)]
         shapes = GEMM_SHAPES_GPU
     else:
         wanted = [s for s in (sizes or ["cpu-small"]) if s in GEMM_SHAPES_CPU] or ["cpu-small"]
         shapes = {s: GEMM_SHAPES_CPU[s] for s in wanted}
-    M = GEMM_TOKENS_GPU if on_gpu else GEMM_TOKENS_CPU
+        tokens = [("cpu", GEMM_TOKENS_CPU)]
     try:
         from longcat.quant.linear import quantize_weight
     except ImportError as e:  # pragma: no cover - quant is part of the package
         return [Case("quant_gemm", "n/a", {}, lambda s: (), impls=[Impl("longcat", "subject", unavailable=str(e))])]
-    for layer, (n, k) in shapes.items():
-        def make(seed, n=n, k=k):
-            g = _gen(device, seed)
-            x = _randn((M, k), dtype, device, g)
-            w = _randn((n, k), torch.float32, device, g, k ** -0.5)
-            return x, w
+    cases = []
+    for size, M in tokens:
+        suffix = f" M={M}" if on_gpu else ""
+        for layer, (n, k) in shapes.items():
+            cases.append(_plain_gemm_case(f"{layer}{suffix}", M, n, k, device, dtype, quantize_weight))
+        if on_gpu:
+            n, k = FFN, HIDDEN
+            cases.append(_ffn_gate_case(f"ffn.w1|w3+swiglu{suffix}", M, n, k, device, dtype, quantize_weight))
+            cases.append(_ffn_block_case(f"ffn block{suffix}", M, n, k, device, dtype, quantize_weight))
+    return cases
 
-        case = Case("quant_gemm", layer, dict(tokens=M, out_features=n, in_features=k, act_dtype=str(dtype)[6:]), make,
-                    flops=2.0 * M * n * k, nbytes=(M * k + M * n) * dtype.itemsize + n * k, input_sets=1,
-                    error_metric="sqnr", exact=lambda x, w: x.float() @ w.t())
-        case.impls.append(Impl("bf16-linear" if dtype == torch.bfloat16 else f"{str(dtype)[6:]}-linear", "peer",
-                               fn=lambda x, w: F.linear(x, w), prepare=lambda inp: (inp[0], inp[1].to(dtype)),
-                               note="unquantized weights in the activation dtype (cuBLAS / MKL)"))
-        for fmt, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
-            def prep_w(inp, qdtype=qdtype):
-                w_q, scale = quantize_weight(inp[1], qdtype)
-                return inp[0], w_q, scale
 
-            if qdtype == torch.float8_e4m3fn and on_gpu and torch.cuda.get_device_capability(device) < (8, 9):
-                case.impls.append(Impl(f"longcat-{fmt}-w8a16", "subject", unavailable="fp8 needs compute capability >= 8.9"))
-                continue
-            wo = _impl(f"longcat-{fmt}-w8a16", "subject", "longcat.kernels.quant_gemm", f"{fmt}_weight_only_linear")
-            wo.prepare = prep_w
-            case.impls.append(wo)
-            dyn = _lazy("longcat.kernels.quant_gemm", f"{fmt}_dynamic_linear")
-            qpt = _lazy("longcat.kernels.quantize_activations", "quantize_per_token")
-            if dyn.fn is None or qpt.fn is None:
-                case.impls.append(Impl(f"longcat-{fmt}-w8a8", "subject", unavailable=dyn.unavailable or qpt.unavailable))
-            else:
-                case.impls.append(Impl(
-                    f"longcat-{fmt}-w8a8", "subject", prepare=prep_w,
-                    fn=lambda x, w_q, s, d=dyn.fn, qp=qpt.fn, qd=qdtype: d(*qp(x, qd), w_q, s, out_dtype=x.dtype),
-                    note="includes the per-token quantization of the activations"))
+def _gemm_inputs(M, shapes, device, dtype):
+    def make(seed):
+        g = _gen(device, seed)
+        x = _randn((M, shapes[0][1]), dtype, device, g)
+        return (x, *(_randn(s, torch.float32, device, g, s[1] ** -0.5) for s in shapes))
+    return make
+
+
+def _plain_gemm_case(label, M, n, k, device, dtype, quantize_weight) -> Case:
+    on_gpu = device.type == "cuda"
+    case = Case("quant_gemm", label, dict(tokens=M, out_features=n, in_features=k, act_dtype=str(dtype)[6:]),
+                _gemm_inputs(M, [(n, k)], device, dtype), flops=2.0 * M * n * k,
+                nbytes=(M * k + M * n) * dtype.itemsize + n * k, input_sets=1,
+                error_metric="sqnr", exact=lambda x, w: x.float() @ w.t())
+    case.impls.append(Impl("bf16-linear" if dtype == torch.bfloat16 else f"{str(dtype)[6:]}-linear", "peer",
+                           fn=lambda x, w: F.linear(x, w), prepare=lambda inp: (inp[0], inp[1].to(dtype)),
+                           note="unquantized weights in the activation dtype (cuBLAS / MKL)"))
+    qg = _lazy("longcat.kernels.quant_gemm", "_launch")
+    qpt = _lazy("longcat.kernels.quantize_activations", "quantize_per_token")
+    for fmt, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+        def prep_w(inp, qdtype=qdtype):
+            w_q, scale = quantize_weight(inp[1], qdtype)
+            return inp[0], w_q, scale
+
+        if qdtype == torch.float8_e4m3fn and on_gpu and torch.cuda.get_device_capability(device) < (8, 9):
+            case.impls.append(Impl(f"longcat-{fmt}-w8a16", "subject", unavailable="fp8 needs compute capability >= 8.9"))
+            continue
+        wo = _impl(f"longcat-{fmt}-w8a16", "subject", "longcat.kernels.quant_gemm", f"{fmt}_weight_only_linear")
+        wo.prepare = prep_w
+        case.impls.append(wo)
+        dyn = _lazy("longcat.kernels.quant_gemm", f"{fmt}_dynamic_linear")
+        if dyn.fn is None or qpt.fn is None:
+            case.impls.append(Impl(f"longcat-{fmt}-w8a8", "subject", unavailable=dyn.unavailable or qpt.unavailable))
+            continue
+        case.impls.append(Impl(
+            f"longcat-{fmt}-w8a8", "subject", prepare=prep_w,
+            fn=lambda x, w_q, s, d=dyn.fn, qp=qpt.fn, qd=qdtype: d(*qp(x, qd), w_q, s, out_dtype=x.dtype),
+            note="includes the per-token quantization of the activations" + (
+                "; plain fp8 GEMMs dispatch to torch._scaled_mm on sm_90" if fmt == "fp8" else "")))
+        if fmt == "fp8" and qg.fn is not None:
+            # Both sides of the dispatch rule: our Triton kernel, and cuBLASLt through torch._scaled_mm.
+            case.impls.append(Impl(
+                "longcat-fp8-w8a8-triton", "subject", prepare=prep_w,
+                fn=lambda x, w_q, s, qp=qpt.fn, launch=qg.fn: launch(*_rows2(*qp(x, torch.float8_e4m3fn)), w_q, s, None, x.dtype, True, False),
+                note="the Triton kernel the dispatcher bypasses for plain fp8 GEMMs; includes the activation quantization"))
+            case.impls.append(_scaled_mm_impl(prep_w, qpt.fn, on_gpu))
+    if M * max(n, k) * 4 <= 16384 * 11008 * 4:
         ref = _impl("reference-int8-w8a16", "reference", "longcat.kernels.quant_gemm", "weight_only_linear_reference")
         ref.prepare = lambda inp: (inp[0], *quantize_weight(inp[1], torch.int8))
         ref.note = "float32 math on a materialised weight"
-        case.impls.append(ref)
-        for backend, fmt in (("bitsandbytes", "int8"), ("quanto", "int8"), ("quanto", "fp8")):
-            case.impls.append(_peer_linear_impl(backend, fmt, device, dtype))
-        cases.append(case)
-    return cases
+    else:
+        ref = Impl("reference-int8-w8a16", "reference", unavailable="the float32 reference is not run at this M (errors: SQNR against exact float math)")
+    case.impls.append(ref)
+    for backend, fmt in (("bitsandbytes", "int8"), ("quanto", "int8"), ("quanto", "fp8")):
+        case.impls.append(_peer_linear_impl(backend, fmt, device, dtype))
+    return case
+
+
+def _rows2(x_q, x_scale):
+    return x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1)
+
+
+def _scaled_mm_impl(prep_w, quantize_per_token, on_gpu) -> Impl:
+    if not hasattr(torch, "_scaled_mm"):
+        return Impl("torch._scaled_mm-fp8", "peer", unavailable="this torch has no _scaled_mm")
+
+    def fn(x, w_q, s):
+        x_q, xs = quantize_per_token(x, torch.float8_e4m3fn)
+        return torch._scaled_mm(x_q, w_q.t(), scale_a=xs.reshape(-1, 1), scale_b=s.reshape(1, -1), out_dtype=x.dtype)
+
+    return Impl("torch._scaled_mm-fp8", "peer", prepare=prep_w, fn=fn,
+                note="cuBLASLt fp8 with per-token x per-channel scales; includes our activation quantization")
+
+
+def _ffn_gate_case(label, M, H, K, device, dtype, quantize_weight) -> Case:
+    """silu(x W1^T) * (x W3^T): two GEMMs + SwiGLU (the unpacked FFN), one packed GEMM into [M, 2H]
+    + swiglu_packed (bf16), and the 8-bit GEMMs with the fused SwiGLU epilogue."""
+    from longcat.kernels.quant_gemm import dynamic_linear, weight_only_linear
+    from longcat.kernels.quantize_activations import quantize_per_token
+    from longcat.kernels.swiglu import swiglu, swiglu_packed
+
+    case = Case("quant_gemm", label, dict(tokens=M, hidden=H, in_features=K, act_dtype=str(dtype)[6:]),
+                _gemm_inputs(M, [(2 * H, K)], device, dtype), flops=2.0 * M * 2 * H * K,
+                nbytes=(M * K + M * H) * dtype.itemsize + 2 * H * K, input_sets=1, error_metric="sqnr",
+                exact=lambda x, w: F.silu(x.float() @ w[:H].t()) * (x.float() @ w[H:].t()))
+    case.impls.append(Impl("bf16-unpacked", "peer", prepare=lambda inp: (inp[0], inp[1][:H].to(dtype).contiguous(), inp[1][H:].to(dtype).contiguous()),
+                           fn=lambda x, w1, w3: swiglu(F.linear(x, w1), F.linear(x, w3)),
+                           note="w1 and w3 as two cuBLAS GEMMs, then the SwiGLU kernel"))
+    case.impls.append(Impl("longcat-bf16-packed", "subject", prepare=lambda inp: (inp[0], inp[1].to(dtype)),
+                           fn=lambda x, w: swiglu_packed(F.linear(x, w)),
+                           note="one cuBLAS GEMM into [M, 2H], then swiglu_packed"))
+    for fmt, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+        def prep_w(inp, qdtype=qdtype):
+            return (inp[0], *quantize_weight(inp[1], qdtype))
+
+        case.impls.append(Impl(f"longcat-{fmt}-w8a8-swiglu", "subject", prepare=prep_w,
+                               fn=lambda x, w_q, s, qd=qdtype: dynamic_linear(*quantize_per_token(x, qd), w_q, s, None, x.dtype, swiglu=True),
+                               note="fused SwiGLU epilogue; includes the activation quantization"))
+        case.impls.append(Impl(f"longcat-{fmt}-w8a16-swiglu", "subject", prepare=prep_w,
+                               fn=lambda x, w_q, s: weight_only_linear(x, w_q, s, None, swiglu=True),
+                               note="fused SwiGLU epilogue"))
+    return case
+
+
+def _ffn_block_case(label, M, H, C, device, dtype, quantize_weight) -> Case:
+    """The whole FFN ``w2(silu(w1 x) * w3 x)``: unpacked (three GEMMs + SwiGLU) against packed."""
+    from longcat.kernels.quant_gemm import dynamic_linear
+    from longcat.kernels.quantize_activations import quantize_per_token
+    from longcat.kernels.swiglu import swiglu, swiglu_packed
+
+    case = Case("quant_gemm", label, dict(tokens=M, hidden=H, dim=C, act_dtype=str(dtype)[6:]),
+                _gemm_inputs(M, [(2 * H, C), (C, H)], device, dtype), flops=2.0 * M * 3 * H * C,
+                nbytes=2 * M * C * dtype.itemsize + 3 * H * C * dtype.itemsize, input_sets=1, error_metric="sqnr",
+                exact=lambda x, w13, w2: (F.silu(x.float() @ w13[:H].t()) * (x.float() @ w13[H:].t())) @ w2.t())
+    case.impls.append(Impl("bf16-unpacked", "peer",
+                           prepare=lambda inp: (inp[0], inp[1][:H].to(dtype).contiguous(), inp[1][H:].to(dtype).contiguous(), inp[2].to(dtype)),
+                           fn=lambda x, w1, w3, w2: F.linear(swiglu(F.linear(x, w1), F.linear(x, w3)), w2),
+                           note="the FFN before packing"))
+    case.impls.append(Impl("longcat-bf16-packed", "subject", prepare=lambda inp: (inp[0], inp[1].to(dtype), inp[2].to(dtype)),
+                           fn=lambda x, w13, w2: F.linear(swiglu_packed(F.linear(x, w13)), w2)))
+    fp8 = torch.float8_e4m3fn
+
+    def prep_fp8(inp):
+        return (inp[0], *quantize_weight(inp[1], fp8), *quantize_weight(inp[2], fp8))
+
+    def fp8_packed(x, w13, s13, w2, s2):
+        h = dynamic_linear(*quantize_per_token(x, fp8), w13, s13, None, x.dtype, swiglu=True)
+        return dynamic_linear(*quantize_per_token(h, fp8), w2, s2, None, x.dtype)
+
+    def fp8_unpacked(x, w13, s13, w2, s2):
+        xq = quantize_per_token(x, fp8)
+        h = swiglu(dynamic_linear(*xq, w13[:H], s13[:H], None, x.dtype), dynamic_linear(*xq, w13[H:], s13[H:], None, x.dtype))
+        return dynamic_linear(*quantize_per_token(h, fp8), w2, s2, None, x.dtype)
+
+    case.impls.append(Impl("longcat-fp8-w8a8-unpacked", "peer", prepare=prep_fp8, fn=fp8_unpacked,
+                           note="fp8 W8A8 FFN as two GEMMs + SwiGLU"))
+    case.impls.append(Impl("longcat-fp8-w8a8-packed", "subject", prepare=prep_fp8, fn=fp8_packed,
+                           note="fp8 W8A8 FFN with the fused SwiGLU GEMM; includes the activation quantizations"))
+    return case
 
 
 def _peer_linear_impl(backend: str, fmt: str, device, dtype) -> Impl:

@@ -43,15 +43,17 @@ python3 -c "import torch, triton, longcat; print('torch', torch.__version__, 'tr
 
 # (the real-size pipeline test is the longcat-bench pipeline step below, with its own time limit)
 step 75  python3 -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml" -k "not test_720p_refine_fits_8gb_on_the_gpu"
-step 170 python3 -m longcat.bench kernels --json "$OUT/kernels-h200.json"  # prints the BSA targets (bench/targets.py)
+step 130 python3 -m longcat.bench kernels --ops attention layer_norm_modulate gated_residual fused_norm rms_norm rope_3d qkv_norm_rope swiglu --json "$OUT/kernels-h200.json"  # prints the BSA targets (bench/targets.py)
+# GEMM targets (M = 1024, 37,440, 168,960): 8-bit GEMMs vs bf16 cuBLAS, torch._scaled_mm and the peers; packed vs unpacked FFN
+step 110 python3 -m longcat.bench kernels --ops quant_gemm --json "$OUT/gemm-h200.json"
 step 30  python3 -m longcat.bench accuracy --json "$OUT/accuracy-h200.json"
-step 90  python3 -m longcat.bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json "$OUT/model-h200.json"
-step 90  python3 -m longcat.bench memory --latent 48 88 160 --configs fp8 fp8-chunked int8-offload int8-chunked-offload --json "$OUT/memory-h200.json"
+step 80  python3 -m longcat.bench model --compare --configs reference accelerated fp8 int8 int8-offload --warmup 1 --repeats 2 --json "$OUT/model-h200.json"
+step 80  python3 -m longcat.bench memory --latent 48 88 160 --configs fp8 fp8-chunked int8-offload int8-chunked-offload --json "$OUT/memory-h200.json"
 # The whole-pipeline memory check needs transformers and diffusers; the GPU machine has no network,
 # so they come as wheels in a git-ignored .whl/ folder when someone carried them there.
 if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --find-links .whl transformers diffusers; then
     # Real-size components; 8 of the 48 latent frames at 720p so three runs fit the time limit.
-    step 120 python3 -m longcat.bench pipeline --stage refine --resolution 720p --budget 8GB --also-budgets 16GB \
+    step 100 python3 -m longcat.bench pipeline --stage refine --resolution 720p --budget 8GB --also-budgets 16GB \
              --compare-resident --latent-frames 8 --steps 2 --json "$OUT/pipeline-h200.json"
 else
     echo "== skipped longcat-bench pipeline: no transformers/diffusers wheels in .whl/" \

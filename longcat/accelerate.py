@@ -20,6 +20,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 
+from .ffn import pack_ffn, unpack_ffn
 from .model import LongCatVideoTransformer3DModel, block_forward
 from .ops import ATTENTION_BACKENDS, DiTOps, SDPA_OPS, kernel_ops
 
@@ -354,6 +355,11 @@ def _patch(model, kind, ops, cp, bsa, quantize, offload, offload_prefetch, compi
         report.quantized_linears = sum(type(m).__name__ == "QuantizedLinear" for m in model.modules())
         report.quantization = quantize if isinstance(quantize, str) else type(quantize).__name__
         state["quantized"] = True
+    if offload is None:
+        # One w1|w3 GEMM per FFN (``longcat.ffn``). Not with offload: the offloader moves tensors
+        # one by one, which would leave a second, stale copy of the packed weight.
+        packed = sum(pack_ffn(block.ffn) for block in model.blocks)
+        report.notes.append(f"FFN w1|w3 packed into one GEMM in {packed} of {len(model.blocks)} blocks")
     if offload == "blocks":
         from .offload import BlockOffloader
 
@@ -406,7 +412,8 @@ def _fit_budget(model, memory_budget, latent, batch, attention, quantize, offloa
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo ``accelerate``: op table, block forwards, BSA flags, offload hooks. Quantized Linear
+    """Undo ``accelerate``: op table, block forwards, BSA flags, offload hooks, the packed FFN
+    weights (``w1``/``w3`` get storage of their own again). Quantized Linear
     layers are turned back into ``nn.Linear`` holding their dequantised weights (the original
     float weights are not kept, so this step is lossy)."""
     state = getattr(model, _STATE_ATTR, None)
@@ -421,6 +428,8 @@ def restore(model: nn.Module) -> nn.Module:
         block.attn.enable_bsa, block.attn.bsa_params = enabled, params
     if state["kind"] == "longcat":
         model.set_ops(state["ops_before"] or SDPA_OPS)
+    for block in model.blocks:
+        unpack_ffn(block.ffn)
     if state.get("quantized"):
         _dequantize_linears(model)
     setattr(model, _STATE_ATTR, None)

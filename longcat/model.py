@@ -21,6 +21,7 @@ from longcat.kernels._runtime import check_tensor
 from longcat.kernels.attention.varlen import check_cu_seqlens
 from longcat.kernels.quantize_activations import QuantizedActivations
 
+from .ffn import ffn_gate
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS
 
 __all__ = [
@@ -446,9 +447,9 @@ def block_forward(
             f1 = min(T, f0 + chunk)
             xs = x[:, f0 * L: f1 * L]
             ms = _token_rows(x_m, f0 * L, f1 * L)
-            xs.copy_(ops.gated_residual(xs, ffn.w2(ops.swiglu(ffn.w1(ms), ffn.w3(ms))), gate_mlp[:, f0:f1]))
+            xs.copy_(ops.gated_residual(xs, ffn.w2(ffn_gate(ffn, ms, ops)), gate_mlp[:, f0:f1]))
     else:
-        x = ops.gated_residual(x, ffn.w2(ops.swiglu(ffn.w1(x_m), ffn.w3(x_m))), gate_mlp)
+        x = ops.gated_residual(x, ffn.w2(ffn_gate(ffn, x_m, ops)), gate_mlp)
     return (x, kv) if return_kv else x
 
 
@@ -579,7 +580,7 @@ def chunked_block_forward(
             for s0, s1 in _frame_chunks(f0, f1, sub):
                 r = slice((s0 - f0) * L, (s1 - f0) * L)
                 ms = _token_rows(x_m, r.start, r.stop)
-                x[:, s0 * L:s1 * L] = ops.gated_residual(xs[:, r], ffn.w2(ops.swiglu(ffn.w1(ms), ffn.w3(ms))), gate_mlp[:, s0:s1])
+                x[:, s0 * L:s1 * L] = ops.gated_residual(xs[:, r], ffn.w2(ffn_gate(ffn, ms, ops)), gate_mlp[:, s0:s1])
     if return_kv:
         return x, (k_pre, V)
     return x

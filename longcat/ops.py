@@ -19,7 +19,7 @@ from longcat.kernels.attention.varlen import varlen_attention_reference
 from longcat.kernels.modulate import layer_norm_modulate_reference
 from longcat.kernels.residual import gated_residual_reference
 from longcat.kernels.rope import rms_norm_reference, rope_3d_reference
-from longcat.kernels.swiglu import swiglu_reference
+from longcat.kernels.swiglu import swiglu_packed_reference, swiglu_reference
 
 __all__ = ["DiTOps", "REFERENCE_OPS", "SDPA_OPS", "ATTENTION_BACKENDS", "kernel_ops", "sdpa_attention", "sdpa_varlen_attention"]
 
@@ -30,7 +30,8 @@ class DiTOps:
 
     layer_norm_modulate(x, shift, scale, weight, bias, eps) -> [B, N, C]
     gated_residual(x, y, gate) -> x + gate[frame] * y (a new tensor)
-    rms_norm(x, weight, eps); rope_3d(x, grid, frame_offset); swiglu(a, b)
+    rms_norm(x, weight, eps); rope_3d(x, grid, frame_offset); swiglu(a, b);
+    swiglu_packed(ab) on the packed w1|w3 GEMM output [..., 2H] (``longcat.ffn``)
     dense_attention(q, k, v) and block_sparse_attention(q, k, v, latent_shape_q, latent_shape_k,
     sparsity=, cdf_threshold=, tile=) on [B, heads, S, D];
     varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) on packed
@@ -56,6 +57,7 @@ class DiTOps:
     dense_attention: Callable
     block_sparse_attention: Callable
     varlen_attention: Callable
+    swiglu_packed: Callable = swiglu_packed_reference
     qkv_norm_rope: Optional[Callable] = None
     gated_residual_layer_norm: Optional[Callable] = None
     layer_norm_modulate_quant: Optional[Callable] = None
@@ -172,7 +174,7 @@ def kernel_ops(
         from longcat.kernels.qkv_prep import qkv_norm_rope
         from longcat.kernels.residual import gated_residual, gated_residual_layer_norm, gated_residual_layer_norm_quant
         from longcat.kernels.rope import rms_norm, rope_3d
-        from longcat.kernels.swiglu import swiglu
+        from longcat.kernels.swiglu import swiglu, swiglu_packed
 
         def fused_qkv(qkv, q_weight, k_weight, num_heads, grid, frame_offset, eps, return_k_pre_rope, parts="qkv"):
             return qkv_norm_rope(
@@ -191,6 +193,7 @@ def kernel_ops(
             rms_norm=rms_norm,
             rope_3d=rope_3d,
             swiglu=swiglu,
+            swiglu_packed=swiglu_packed,
             qkv_norm_rope=fused_qkv,
             gated_residual_layer_norm=fused_residual_norm,
             layer_norm_modulate_quant=lambda x, shift, scale, weight, bias, eps, qdtype: layer_norm_modulate_quant(

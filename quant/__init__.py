@@ -22,7 +22,7 @@ from .config import (
     QuantConfig,
     resolve_config,
 )
-from .linear import QuantizedLinear, QuantizedSwiGLU, dequantize_weight, quantize_weight
+from .linear import QuantizedLinear, dequantize_weight, quantize_weight
 from .quantize import format_memory_report, memory_report, quantize, quantized_layers, select_linears, weight_bytes
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "DEFAULT_SKIP",
     "ADALN_PATTERN",
     "QuantizedLinear",
-    "QuantizedSwiGLU",
     "quantize_weight",
     "dequantize_weight",
     "save_quantized",

@@ -24,7 +24,7 @@ from longcat.kernels.quantize_activations import QuantizedActivations, quantize_
 
 from .config import WEIGHT_DTYPES, LayerSpec
 
-__all__ = ["QuantizedLinear", "QuantizedSwiGLU", "quantize_weight", "dequantize_weight", "QMAX"]
+__all__ = ["QuantizedLinear", "quantize_weight", "dequantize_weight", "QMAX"]
 
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 # Floor on a row's amax: an all-zero output channel gets a tiny positive scale and zero codes.
@@ -144,12 +144,21 @@ class QuantizedLinear(nn.Module):
         """Output features [start, stop) only (per-channel scales: a row slice of the weight is a
         quantized Linear of its own). x: a float tensor, or ``QuantizedActivations``."""
         rows = slice(start, stop)
-        bias = _bias_for(None if self.bias is None else self.bias[rows], x.dtype)
+        bias = None if self.bias is None else self.bias[rows]
+        return self.matmul(x, self.weight_q[rows], self.weight_scale[rows], bias)
+
+    def matmul(self, x, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], swiglu: bool = False) -> torch.Tensor:
+        """This layer's GEMM (its weight format and activation rule) on the given quantized tensors:
+        a row slice of its own, or a packed [2H, K] w1|w3 weight with ``swiglu=True`` (one GEMM with
+        the SwiGLU epilogue, the activations quantized once; see ``longcat.ffn``). x: a float
+        tensor, or ``QuantizedActivations``."""
+        bias = _bias_for(bias, x.dtype)
         if self.dynamic:
             x_q, x_scale = _activations(x, self.weight_dtype)
-            return dynamic_linear(x_q, x_scale, self.weight_q[rows], self.weight_scale[rows], bias, x.dtype)
+            return dynamic_linear(x_q, x_scale, weight_q, weight_scale, bias, x.dtype, swiglu=swiglu)
         _float_input(x, self)
-        return weight_only_linear(x, self.weight_q[rows], self.weight_scale[rows], bias)
+        return weight_only_linear(x, weight_q, weight_scale, bias, swiglu=swiglu)
 
     def _apply(self, fn, recurse=True):
         # Let device moves through but keep the quantized buffers' dtypes (see module docstring).
@@ -171,37 +180,3 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight={self.spec.weight}, activations={'per-token dynamic' if self.dynamic else 'unquantized'}")
-
-
-class QuantizedSwiGLU(nn.Module):
-    """``silu(x W1^T) * (x W3^T)`` from two QuantizedLinear layers of one format, packed as one
-    [2H, K] weight so a single GEMM produces the gated [.., H] output (no [.., 2H] intermediate)."""
-
-    def __init__(self, w1: QuantizedLinear, w3: QuantizedLinear):
-        super().__init__()
-        if not (isinstance(w1, QuantizedLinear) and isinstance(w3, QuantizedLinear)):
-            raise TypeError("w1 and w3 must both be QuantizedLinear")
-        if w1.spec != w3.spec or w1.in_features != w3.in_features or w1.out_features != w3.out_features:
-            raise ValueError(f"w1 and w3 must have one format and shape, got {w1.extra_repr()} and {w3.extra_repr()}")
-        if (w1.bias is None) != (w3.bias is None):
-            raise ValueError("w1 and w3 must both have a bias or both have none")
-        self.in_features = w1.in_features
-        self.hidden_features = w1.out_features
-        self.weight_dtype = w1.weight_dtype
-        self.dynamic = w1.dynamic
-        self.register_buffer("weight_q", torch.cat([w1.weight_q, w3.weight_q], 0))
-        self.register_buffer("weight_scale", torch.cat([w1.weight_scale, w3.weight_scale], 0))
-        self.register_buffer("bias", None if w1.bias is None else torch.cat([w1.bias, w3.bias], 0))
-
-    activation_qdtype = QuantizedLinear.activation_qdtype
-
-    def forward(self, x) -> torch.Tensor:
-        bias = _bias_for(self.bias, x.dtype)
-        if self.dynamic:
-            x_q, x_scale = _activations(x, self.weight_dtype)
-            return dynamic_linear(x_q, x_scale, self.weight_q, self.weight_scale, bias, x.dtype, swiglu=True)
-        _float_input(x, self)
-        return weight_only_linear(x, self.weight_q, self.weight_scale, bias, swiglu=True)
-
-    _apply = QuantizedLinear._apply
-    _quantized_buffers = QuantizedLinear._quantized_buffers

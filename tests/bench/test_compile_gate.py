@@ -59,12 +59,13 @@ def test_an_over_limit_config_is_reported_as_failing():
         from longcat.bench.static_compile import compile_static
         from longcat.kernels import quant_gemm
         sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
-               "M": "i32", "N_OUT": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}
-        ce = dict(A8=True, INT_ACC=True, FP32_IEEE=False, HAS_BIAS=False, SWIGLU=False,
+               "M": "i32", "N_OUT": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "M_BUCKET": "i32",
+               "NUM_PROGRAMS": "i32"}
+        ce = dict(INT_ACC=True, PROMOTE_FP8=False, HAS_BIAS=False, SWIGLU=False,
                   BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8)
         sig.update({k: "constexpr" for k in ce})
         aligned = {(i,): [["tt.divisibility", 16]] for i in range(11)}  # as a launch on aligned tensors
-        stats = compile_static(quant_gemm._qgemm_kernel.fn, sig, ce, num_warps=8, num_stages=6, arch=90,
+        stats = compile_static(quant_gemm._w8a8_kernel.fn, sig, ce, num_warps=8, num_stages=6, arch=90,
                                attrs=aligned).as_dict()
         print(json.dumps({**stats, "reason": _failure(stats)}))
     """)

@@ -355,3 +355,59 @@ def test_weight_only_backward_gives_input_gradient(gen):
     w = (w_q.double() * scale.double()[:, None])
     torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, g.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config rule, fp8 accumulation rule, cuBLASLt dispatch
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("M", [1, 16, 200, 1024, 1025, 37440, 168960])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_every_config_a_launcher_can_pick_fits(M, swiglu):
+    """The autotuner only ever sees configs that pass the sm_90 resource rule (shared memory and
+    accumulator registers), for every M range, epilogue and fp8 accumulation mode."""
+    cases = [(qg._W8A8_CONFIGS, 1, promote, 0) for promote in (False, True)]
+    cases += [(qg._W8A16_CONFIGS, 2, False, convert) for convert in (2, 4)]  # int8 / e4m3 weight, bf16 x
+    for table, x_bytes, promote, convert in cases:
+        prune = qg._prune(table, lambda a: x_bytes, lambda a: convert)
+        kept = prune([c for _, c in table], {"M": M}, SWIGLU=swiglu, PROMOTE_FP8=promote)
+        assert kept, (M, swiglu, promote, convert)
+        assert all(qg._fits(c, x_bytes, swiglu, promote, convert) for c in kept)
+        assert all(c.kwargs["BLOCK_M"] <= 64 for c in kept) or M > 256
+    # Configs autotuning used to keep for the fused SwiGLU GEMM spill on sm_90 (3.4-3.6 KB): rejected.
+    assert not qg._fits(qg._cfg(128, 256, 64, 8, 8, 3), 1, True)
+    assert not qg._fits(qg._cfg(128, 256, 128, 8, 8, 3), 1, True)
+    assert not qg._fits(qg._cfg(128, 256, 128, 8, 8, 3), 1, False, promote_fp8=True)
+    # W8A16: the 128x128 SwiGLU pair on 4 warps spills 2.4 KB (8 warps: clean).
+    assert not qg._fits(qg._cfg(128, 128, 64, 8, 4, 4), 2, True, weight_convert_bytes=2)
+    assert qg._fits(qg._cfg(128, 128, 64, 8, 8, 4), 2, True, weight_convert_bytes=2)
+
+
+def test_fp8_long_k_takes_the_promoted_accumulation(gen):
+    """K above FP8_PROMOTE_ABOVE_K compiles the promoted fp8 dot (max_num_imprecise_acc); ragged K."""
+    M, N, K = 5, 48, qg.FP8_PROMOTE_ABOVE_K + 36
+    x_q, x_scale = quantize_per_token_reference(torch.randn(M, K, generator=gen), FP8)
+    w_q, scale = quant_weight(torch.randn(N, K, generator=gen) * 0.3, FP8)
+    out = qg.fp8_dynamic_linear(x_q.to(DEV), x_scale.to(DEV), w_q.to(DEV), scale.to(DEV), None, torch.float32).cpu()
+    oracle = qg.dynamic_linear_reference(x_q, x_scale, w_q, scale, None, torch.float64)
+    lowp = qg.dynamic_linear_reference(x_q, x_scale, w_q, scale, None, torch.float32)
+    assert_by_rule(out, lowp, oracle, atol=1e-4)
+
+
+def test_scaled_mm_dispatch(gen):
+    """The cuBLASLt path (``torch._scaled_mm`` with row-wise scales and a bias) computes the same
+    GEMM as the reference; the rule sends it only plain fp8 GEMMs with a bf16 output on sm_90."""
+    M, N, K = 33, 48, 64
+    x_q, x_scale = quantize_per_token_reference(torch.randn(M, K, generator=gen), FP8)
+    w_q, scale = quant_weight(torch.randn(N, K, generator=gen) * 0.3, FP8)
+    b = torch.randn(N, generator=gen).bfloat16()
+    out = qg.scaled_mm_linear(x_q, x_scale, w_q, scale, b, torch.bfloat16)
+    oracle = qg.dynamic_linear_reference(x_q, x_scale, w_q, scale, b.double(), torch.float64)
+    lowp = qg.dynamic_linear_reference(x_q, x_scale, w_q, scale, b, torch.bfloat16)
+    assert_by_rule(out, lowp, oracle, atol=1e-2)
+    assert not qg._prefers_scaled_mm(x_q, w_q, b, torch.bfloat16, False)  # CPU: never
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        xc, wc = x_q.cuda(), w_q.cuda()
+        assert qg._prefers_scaled_mm(xc, wc, b.cuda(), torch.bfloat16, False)
+        assert not qg._prefers_scaled_mm(xc, wc, None, torch.bfloat16, True)  # SwiGLU: our epilogue
+        assert not qg._prefers_scaled_mm(xc, wc, None, torch.float16, False)

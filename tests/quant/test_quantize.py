@@ -152,16 +152,19 @@ def test_forward_fp16_activations(gen):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_quantized_swiglu_matches_separate_layers(gen, dynamic):
-    w1, w3 = nn.Linear(64, 40, bias=False), nn.Linear(64, 40, bias=False)
+def test_matmul_with_packed_swiglu_weight_matches_separate_layers(gen, dynamic):
+    """``QuantizedLinear.matmul`` on a packed [2H, K] w1|w3 weight with the SwiGLU epilogue (what
+    the packed FFN runs) equals the gate of the two layers."""
+    w1, w3 = nn.Linear(64, 40, bias=True), nn.Linear(64, 40, bias=True)
     q1 = lq.QuantizedLinear.from_linear(w1, torch.int8, dynamic)
     q3 = lq.QuantizedLinear.from_linear(w3, torch.int8, dynamic)
-    fused = lq.QuantizedSwiGLU(q1, q3)
     x = torch.randn(2, 9, 64, generator=gen)
     expected = torch.nn.functional.silu(q1(x)) * q3(x)
-    assert torch.allclose(fused(x), expected, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="one format and shape"):
-        lq.QuantizedSwiGLU(q1, lq.QuantizedLinear.from_linear(w3, FP8, dynamic))
+    got = q1.matmul(x, torch.cat([q1.weight_q, q3.weight_q]), torch.cat([q1.weight_scale, q3.weight_scale]),
+                    torch.cat([q1.bias, q3.bias]), swiglu=True)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    # rows [start, stop) of the layer are the same GEMM on a slice
+    assert torch.allclose(q1.forward_rows(x, 8, 30), q1(x)[..., 8:30], atol=1e-6)
 
 
 def test_input_not_modified_and_bad_model():

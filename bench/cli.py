@@ -332,8 +332,6 @@ def _print_kernel_table(records):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    if cpu_only:
-        print(f"  * {CPU_PEAK_LABEL}")
 
 
 def _accuracy_figures(device, dtypes, size, full_quant: bool, peers=(), progress=None) -> list:

@@ -115,7 +115,7 @@ def tile_means_reference(x: torch.Tensor, latent_shape, tile) -> torch.Tensor:
     B, Hd, S, D = x.shape
     sums = torch.zeros(B, Hd, n, D, dtype=compute, device=x.device)
     sums.index_add_(2, ids, x.to(compute))
-    counts = torch.bincount(ids, minlength=n).to(compute)
+    counts = tile_lengths(latent_shape, tile, x.device).to(compute)
     return sums / counts[:, None]
 
 

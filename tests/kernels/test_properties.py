@@ -303,6 +303,13 @@ def case_varlen_attention(d, gen):
     bounds = d.draw(st.sampled_from(["given", "loose", "read"]))
     extra = 3 if bounds == "loose" else 0
     max_q, max_k = (None, None) if bounds == "read" else (max(lens_q) + extra, max(lens_k) + extra)
+    if bounds == "read" and d.draw(st.booleans()):
+        # Offsets the launcher reads must be refused when they leave the tensors or go backwards.
+        cu_k = cu_k.clone()
+        if d.draw(st.booleans()):
+            cu_k[-1] += d.draw(st.integers(1, 5))
+        elif len(lens_k) > 1:
+            cu_k[1], cu_k[-1] = cu_k[-1], cu_k[1]
     return Case(dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),
                 lambda **t: varlen.varlen_attention(**t, max_seqlen_q=max_q, max_seqlen_k=max_k),
                 varlen.varlen_attention_reference,
@@ -317,8 +324,7 @@ def _bsa_args(d):
     tile = (d.draw(st.integers(-(-big[0] // 2), big[0] + 1)), d.draw(st.integers(-(-big[1] // 2), big[1] + 1)),
             d.draw(st.integers(big[2], big[2] + 1)))
     sparsity = d.draw(st.sampled_from([0.0, 0.5, 0.75, 0.9, 0.5, 0.75, None, 1.5]))
-    # cdf_threshold=1.0 is left out: issue 14 item 9 (kernel and reference may keep different tiles).
-    cdf = d.draw(st.sampled_from([None, None, 0.5, 0.9])) if sparsity is not None else 0.8
+    cdf = d.draw(st.sampled_from([None, None, 0.5, 0.9, 1.0])) if sparsity is not None else d.draw(st.sampled_from([0.8, 1.0]))
     return grid_q, grid_k, tile, sparsity, cdf
 
 

@@ -276,7 +276,9 @@ def block_traffic(
     W8A8 formats ("int8-dynamic", "fp8-dynamic") ``quantize_once`` says whether the modulated
     inputs of qkv and of w1/w3 come out of the norm kernels already 8-bit (one quantization per
     input) or every Linear quantizes its own input (a read of the float input and a write of the
-    codes per Linear). The FFN is counted as two GEMMs (w1, w3) and a SwiGLU pass."""
+    codes per Linear). The FFN gate is the packed w1|w3 GEMM of ``longcat.ffn`` (one read of its
+    input): float weights write [n, 2F] for a separate ``swiglu_packed`` pass, 8-bit weights compute
+    the SwiGLU in the GEMM's epilogue."""
     config = get_preset(model_or_config) if isinstance(model_or_config, str) else dict(model_or_config)
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
@@ -311,8 +313,13 @@ def block_traffic(
     p["residual + affine norm"] = 2 * act + 2 * act
     p["cross-attention (q_linear, q norm, attention, proj)"] = (gemm_input(C, False) + act) + 2 * act + 2 * act + (gemm_input(C, False) + act)
     p["residual + modulate (FFN input)"] = 2 * act + act + normed_out(C, once)
-    p["w1, w3 GEMMs (activations)"] = 2 * gemm_input(C, once) + 2 * n * F * a
-    p["SwiGLU"] = 3 * n * F * a
+    if weights in ("bf16", "fp16", "fp32"):
+        # one packed w1|w3 GEMM (cuBLAS) writes [n, 2F]; swiglu_packed reads it and writes [n, F]
+        p["w1|w3 GEMM (activations)"] = gemm_input(C, once) + 2 * n * F * a
+        p["SwiGLU (packed)"] = 3 * n * F * a
+    else:
+        # 8-bit: the packed GEMM computes the SwiGLU in its epilogue; only [n, F] reaches memory
+        p["w1|w3 GEMM + SwiGLU epilogue (activations)"] = gemm_input(C, once) + n * F * a
     p["w2 GEMM (activations)"] = gemm_input(F, False) + act
     p["gated residual"] = 3 * act
     weight_bytes = _module_bytes(block)

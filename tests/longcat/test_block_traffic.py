@@ -3,6 +3,7 @@ import pytest
 
 from longcat.bench.report import render_block_traffic
 from longcat.memory_plan import block_traffic
+from longcat.model import ffn_hidden_size
 
 
 def test_block_traffic_counts_passes():
@@ -24,9 +25,11 @@ def test_quantizing_once_saves_the_per_layer_passes(weights):
     codes = n * C + 4 * n  # 8-bit codes and float32 per-token scales
     once = block_traffic("tiny", latent=latent, weights=weights, quantize_once=True)
     per_layer = block_traffic("tiny", latent=latent, weights=weights, quantize_once=False)
-    # qkv group (1 consumer): the norm writes codes instead of bf16, and qkv's read-quantize-write
-    # pass goes; FFN group (w1, w3): the same with two consumers
-    assert per_layer.activation_bytes - once.activation_bytes == (2 * n * C * a) + (3 * n * C * a + codes)
+    # qkv and the packed w1|w3 GEMM (one consumer each): the norm writes codes instead of bf16, and
+    # the Linear's read-quantize-write pass goes (bf16 write + read, against codes write + read)
+    assert per_layer.activation_bytes - once.activation_bytes == 2 * (2 * n * C * a)
+    F = ffn_hidden_size(C, 4)
+    assert once.passes["w1|w3 GEMM + SwiGLU epilogue (activations)"] == codes + n * F * a  # no [n, 2F] write
     assert once.quantize_once and not per_layer.quantize_once
     assert not block_traffic("tiny", latent=latent, weights="bf16", quantize_once=True).quantize_once
 

@@ -23,6 +23,8 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int | 
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32, torch.int64))
     if cu.numel() < 2:
         raise ValueError(f"{name} must hold batch + 1 >= 2 offsets, got {cu.numel()}")
+    if cu.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: its offsets must be readable to split the packed samples")
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total:
         raise ValueError(f"{name} must start at 0 and end at the packed length {total}, got {values[0]}..{values[-1]}")

@@ -175,21 +175,28 @@ def test_capture_restores_triton_and_the_runtime():
 
 @pytest.mark.parametrize("m", [1, 48, 1024, 168_960])
 @pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("k", [4096, 11008])
 @pytest.mark.parametrize("fmt", ["w8a16-int8", "w8a16-fp8", "w8a8-int8", "w8a8-fp8"])
-def test_quant_gemm_offers_a_fitting_config_at_every_size(fmt, swiglu, m):
-    """The GPU config list of the quantized GEMM, pruned as autotuning prunes it on sm_90: never
-    empty, and every config kept fits the resource rule."""
-    from longcat.kernels import quant_gemm
+def test_quant_gemm_offers_a_fitting_config_at_every_size(fmt, k, swiglu, m):
+    """The GPU config tables of the quantized GEMMs, pruned as autotuning prunes them on sm_90:
+    never empty, every config kept passes the resource rule, and the configs come from the call's
+    M range whenever one of that range fits."""
+    from longcat.kernels import quant_gemm as qg
 
     wdt = torch.int8 if fmt.endswith("int8") else torch.float8_e4m3fn
     a8 = fmt.startswith("w8a8")
-    x = torch.empty(m, 4096, dtype=wdt if a8 else torch.bfloat16, device="meta")
-    w = torch.empty(2 * 11008 if swiglu else 4096, 4096, dtype=wdt, device="meta")
+    x = torch.empty(m, k, dtype=wdt if a8 else torch.bfloat16, device="meta")
+    w = torch.empty(2 * 4096 if swiglu else 4096, k, dtype=wdt, device="meta")
     named = {"M": m, "x_ptr": x, "w_ptr": w}
-    flags = {"A8": a8, "SWIGLU": swiglu}
-    with capture_launches(90):  # meta tensors stand for an sm_90 device
-        kept = quant_gemm._prune_configs(quant_gemm._gpu_configs(), named, **flags)
+    table = qg._W8A8_CONFIGS if a8 else qg._W8A16_CONFIGS
+    x_bytes = x.element_size()
+    convert = 0 if a8 else qg._w8a16_convert_bytes(named)
+    promote = a8 and wdt == torch.float8_e4m3fn and k > qg.FP8_PROMOTE_ABOVE_K
+    kept = qg._prune(table, lambda a: x_bytes, lambda a: convert)([c for _, c in table], named, SWIGLU=swiglu, PROMOTE_FP8=promote)
     assert kept
+    ranges = {id(c): r for r, c in table}
+    wanted = qg._m_range(m)
+    fitting_wanted = [c for r, c in table if r == wanted and qg._fits(c, x_bytes, swiglu, promote, convert)]
     for c in kept:
-        assert fits(quant_gemm._gemm_tile(c, named, flags), c.num_warps, c.num_stages, 90)
-        assert c.kwargs["BLOCK_M"] <= 32 if m <= 32 else (c.kwargs["BLOCK_M"] >= 64 if m > 256 else c.kwargs["BLOCK_M"] <= 64)
+        assert qg._fits(c, x_bytes, swiglu, promote, convert)
+        assert ranges[id(c)] == (wanted if fitting_wanted else "small")

@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -98,18 +97,9 @@ class MemoryBudgetError(ValueError):
 
 def parse_memory_size(size: Union[int, float, str], name: str = "memory_budget") -> int:
     """Bytes from a positive number or a string such as '8GB' (10^9), '8GiB' (2^30), '512MB'."""
-    if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
-        return int(size)
-    if isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
-        if m:
-            unit = (m.group(2) or "B").upper()
-            mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-            value = int(float(m.group(1)) * mult)
-            if value > 0:
-                return value
-    raise ValueError(f"{name} must be a positive number of bytes or a string like '8GB' or '16GiB', got {size!r}")
+    from longcat.quant.checkpoint import parse_size
+
+    return parse_size(size, name)
 
 
 # ----------------------------------------------------------------------------- weights

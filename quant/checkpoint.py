@@ -100,10 +100,11 @@ class CheckpointError(ValueError):
 # saving
 # ----------------------------------------------------------------------------------------------
 
-def parse_size(size) -> int:
-    """Bytes from a positive int or a string such as '4GB', '500MB', '64KiB' (shard limits)."""
-    if isinstance(size, int) and size > 0:
-        return size
+def parse_size(size, name: str = "max_shard_size") -> int:
+    """Bytes from a positive number or a string such as '4GB' (10^9), '16GiB' (2^30), '500MB',
+    '64KiB' (shard limits, memory budgets); a ValueError naming ``name`` otherwise."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
+        return int(size)
     if isinstance(size, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
         if m:
@@ -113,7 +114,7 @@ def parse_size(size) -> int:
             value = int(float(m.group(1)) * mult)
             if value > 0:
                 return value
-    raise ValueError(f"max_shard_size must be a positive int (bytes) or a string like '4GB', got {size!r}")
+    raise ValueError(f"{name} must be a positive number of bytes or a string like '8GB' or '16GiB', got {size!r}")
 
 
 def _standalone(t: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,7 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("64KiB") == 64 * 1024
     assert parse_size(123) == 123
-    with pytest.raises(ValueError, match=r"positive int"):
+    with pytest.raises(ValueError, match=r"max_shard_size must be a positive"):
         parse_size("lots")
-    with pytest.raises(ValueError, match=r"positive int"):
+    with pytest.raises(ValueError, match=r"max_shard_size must be a positive"):
         parse_size(0)

@@ -36,9 +36,8 @@ from safetensors import safe_open
 # shared with the quantized checkpoints (longcat may import quant; not the reverse).
 from longcat.quant.checkpoint import (
     CheckpointError,
-    fsync_folder,
+    commit_manifest,
     parse_size,
-    remove_quietly,
     remove_unreferenced,
     shard_path,
     verify_shards,
@@ -283,25 +282,10 @@ def save_pretrained(model, path: str, max_shard_size="5GB") -> None:
                      "config": _model_keys(config), "checksums": checksums},
         "weight_map": {k: fname for shard, fname in zip(shards, names) for k in shard},
     }
-    index_path = os.path.join(path, INDEX_NAME)
-    try:
-        write_json_atomic(index, index_path)  # the commit
-        fsync_folder(path)
-    except BaseException:
-        if not _commits(index_path, names[0]):
-            for fname in names:
-                remove_quietly(os.path.join(path, fname))
-        raise
+    commit_manifest(index, os.path.join(path, INDEX_NAME), names)
     write_json_atomic(config, os.path.join(path, CONFIG_NAME))
     orphans = {f for f in os.listdir(path) if SHARD_PATTERN.fullmatch(f)}  # of interrupted saves
     remove_unreferenced(path, previous | orphans, keep=names)
-
-
-def _commits(index_path: str, shard: str) -> bool:
-    try:
-        return shard in _read_index(index_path)["weight_map"].values()
-    except (OSError, CheckpointError):
-        return False
 
 
 def _files_of_previous_save(folder: str) -> set:

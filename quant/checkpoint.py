@@ -67,6 +67,7 @@ __all__ = [
     "remove_quietly",
     "file_checksum",
     "fsync_folder",
+    "commit_manifest",
     "write_shards",
     "shard_path",
     "verify_shards",
@@ -322,24 +323,32 @@ def save_quantized(model: nn.Module, path: str, max_shard_size: Union[int, str] 
         "weight_map": weight_map,
         "shards": records,
     }
-    marker = os.path.join(path, CONFIG_FILE)
-    try:
-        write_json_atomic(qconfig, marker)  # the commit
-        fsync_folder(path)
-    except BaseException:
-        if not _commits(marker, names[0]):
-            for name in names:
-                remove_quietly(os.path.join(path, name))
-        raise
+    commit_manifest(qconfig, os.path.join(path, CONFIG_FILE), names)
     orphans = [f for f in os.listdir(path) if SHARD_PATTERN.fullmatch(f)]  # of interrupted saves
     remove_unreferenced(path, previous | set(orphans), keep=names)
     return {"metadata": {"total_size": total, "format": FORMAT_NAME}, "weight_map": weight_map}
 
 
-def _commits(marker: str, shard: str) -> bool:
-    """Whether ``marker`` on disk is the config that lists ``shard`` (a save's commit happened)."""
+def commit_manifest(manifest: dict, manifest_path: str, shard_names) -> None:
+    """The commit of a sharded save: write the manifest (the index or config that maps tensors to
+    ``shard_names``, already written beside it) atomically and fsync the folder. If that fails and
+    the manifest on disk does not list the new shards, the new shards are removed, so the folder
+    holds the previous checkpoint exactly as before."""
+    folder = os.path.dirname(manifest_path) or "."
     try:
-        with open(marker, encoding="utf-8") as f:
+        write_json_atomic(manifest, manifest_path)
+        fsync_folder(folder)
+    except BaseException:
+        if shard_names and not _lists_shard(manifest_path, shard_names[0]):
+            for name in shard_names:
+                remove_quietly(os.path.join(folder, name))
+        raise
+
+
+def _lists_shard(manifest_path: str, shard: str) -> bool:
+    """Whether the manifest on disk maps some tensor to ``shard`` (that save's commit happened)."""
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
             return shard in json.load(f).get("weight_map", {}).values()
     except (OSError, ValueError, AttributeError):
         return False

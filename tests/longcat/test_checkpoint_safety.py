@@ -57,7 +57,6 @@ def _inject(monkeypatch, where, crash):
     real_save, real_json = quant_ckpt.save_file, model_ckpt.write_json_atomic
     if crash:  # a dying process removes nothing
         monkeypatch.setattr(quant_ckpt, "remove_quietly", lambda path: None)
-        monkeypatch.setattr(model_ckpt, "remove_quietly", lambda path: None)
 
     def save_file(tensors, filename, metadata=None):
         calls["shard"] += 1
@@ -76,6 +75,8 @@ def _inject(monkeypatch, where, crash):
         real_json(obj, path)
 
     monkeypatch.setattr(quant_ckpt, "save_file", save_file)
+    # the index commit runs in quant.checkpoint.commit_manifest, config.json in the model module
+    monkeypatch.setattr(quant_ckpt, "write_json_atomic", write_json_atomic)
     monkeypatch.setattr(model_ckpt, "write_json_atomic", write_json_atomic)
 
 

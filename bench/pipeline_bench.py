@@ -106,8 +106,9 @@ def _measure(name: str, device, fn: Callable, phase, records: List[dict], progre
 
 def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=None, small: Optional[bool] = None,
                  latent=None, steps: int = 1, text_len: Optional[int] = None, seed: int = 0, progress=None,
-                 tactics=None, fit_latent=None, label: Optional[str] = None) -> dict:
-    """Run the pipeline's phases once; returns {"config", "tactics", "plan", "records"}.
+                 tactics=None, fit_latent=None, label: Optional[str] = None, keep_output: bool = False) -> dict:
+    """Run the pipeline's phases once; returns {"config", "tactics", "plan", "records", ...}
+    (with ``keep_output``, also "output": the decoded video, on the CPU).
 
     small: toy widths (default: on the CPU); latent: the latent grid (T, H, W) run (default: the
     stage's, or a tiny one when small); tactics: a ``PipelineTactics`` (default: fitted to
@@ -115,7 +116,7 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     budget). Fitting for the stage's full grid and running fewer frames measures the real
     recipe in less time; the planned figures are always those of the grid that runs."""
     import longcat
-    from longcat.pipeline_memory import decode_latents_tiled, encode_prompts_then_offload, encode_video_tiled, offload_to_cpu
+    from longcat.pipeline_memory import WanVAETiler, encode_prompts_then_offload, offload_to_cpu
     from longcat.pipeline_plan import STAGES, UMT5_INT8_EXCLUDE, PipelineTactics, fit_pipeline, parse_memory_size, plan_pipeline
 
     from .models import build_random_model
@@ -185,13 +186,10 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
             home = "cpu" if tactics.vae_tile else device
             video = (torch.rand(1, 3, frames, H * scale, W * scale, generator=gen) * 2 - 1).to(home, dtype)
 
-            def encode(v):
-                return vae.encode(v).latent_dist.mode()
-
             def encode_video():
                 if tactics.vae_tile:
-                    return encode_video_tiled(encode, video, tactics.vae_tile, tactics.vae_overlap, device=device)
-                return encode(video).float()
+                    return WanVAETiler(vae).encode(video, tactics.vae_tile, device=device).float()
+                return vae.encode(video).latent_dist.mode().float()
 
             latents = _measure("vae encode", device, encode_video, planned["vae encode"], records, progress)
             del video
@@ -209,27 +207,28 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
 
             latents = _measure("denoising step", device, denoise, planned["denoising step"], records, progress)
 
-        def decode(z):
-            return vae.decode(z.to(dtype)).sample
-
         def decode_video():
             if tactics.vae_tile:
-                return decode_latents_tiled(decode, latents, tactics.vae_tile, tactics.vae_overlap)
-            return decode(latents)
+                return WanVAETiler(vae).decode(latents.to(dtype), tactics.vae_tile)
+            return vae.decode(latents.to(dtype)).sample
 
         video_out = _measure("vae decode", device, decode_video, planned["vae decode"], records, progress)
         finite = bool(torch.isfinite(video_out).all())
+        output = video_out.cpu() if keep_output else None
     except torch.OutOfMemoryError as e:  # the budget did not hold: that phase did not fit
         done = {r["phase"] for r in records}
         phase = next(p for p in planned if p not in done)
         records.append(dict(name="pipeline_phase", phase=phase, planned_peak_bytes=planned[phase].peak_bytes, status="out of memory",
                             reason=str(e).splitlines()[0][:200]))
-        finite = False
+        finite, output = False, None
     finally:
         if fraction is not None:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
     config = label or (f"budget {budget}" if budget else "all resident")
     for r in records:
         r["config"] = config
-    return dict(config=config, tactics=str(tactics), plan=plan.as_dict(), records=records, output_finite=finite,
-                small=small, device=str(device), latent=list(latent), budget=budget, memory_fraction=fraction)
+    result = dict(config=config, tactics=str(tactics), plan=plan.as_dict(), records=records, output_finite=finite,
+                  small=small, device=str(device), latent=list(latent), budget=budget, memory_fraction=fraction)
+    if keep_output:
+        result["output"] = output
+    return result

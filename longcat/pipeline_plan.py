@@ -26,9 +26,13 @@ formulas (estimates; ``longcat-bench pipeline`` measures them on a GPU):
   temporaries at full resolution, 4 frames) and 38.8 u for encoding. Decoding also holds the
   output decoded so far, and ends with 2x the output (the last concatenation, then the clamped
   copy): peak max(52.5 u + out, 2 out). Encoding makes one copy of its input video.
-- Tiled VAE (``longcat.pipeline_memory``): one tile's working set, the fp32 blend accumulator
-  of the whole output (plus the tile blended in fp32, twice) and the final cast; tiled encoding
-  keeps the video on the CPU and moves one tile at a time.
+- Tiled VAE (``longcat.pipeline_memory.WanVAETiler``, equal to the whole-frame VAE): the
+  middle block's features of every frame at latent resolution (4 base_dim channels), the output
+  (written tile by tile, no blend buffers) and one tile's working set, the tile including its
+  halo of context (13 latent pixels for decoding, 9 for encoding). Traced on the meta device the
+  same way: 52.3 u of the tile beside the output and the features when decoding, 38.6 u beside
+  the video tile and the features when encoding. Tiled encoding keeps the video on the CPU and
+  moves one tile at a time.
 
 ``fit_pipeline(budget)`` and ``fit_dit(budget, model)`` search the tactics, rank them by the
 documented cost of each (``TACTIC_COST``, an estimate of the time each adds) and return the
@@ -46,11 +50,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .memory_plan import plan_memory
+from .pipeline_memory import tile_spans
 
 __all__ = [
     "UMT5_XXL_CONFIG", "WAN21_VAE_CONFIG", "STAGES", "PipelineTactics", "PhasePlan", "PipelinePlan",
     "MemoryBudgetError", "parse_memory_size", "UMT5_INT8_EXCLUDE", "plan_pipeline", "fit_pipeline", "fit_dit", "TACTIC_COST",
     "text_encoder_bytes", "vae_bytes", "vae_decode_bytes", "vae_encode_bytes", "text_encoder_activation_bytes",
+    "vae_tile_shape", "vae_tile_overhead",
 ]
 
 GB = 1e9
@@ -67,6 +73,14 @@ WAN21_VAE_PARAMETERS = 126_892_531  # AutoencoderKLWan(**WAN21_VAE_CONFIG) count
 
 VAE_DECODE_UNITS = 52.5  # steady-state decode working set in u (see the module docstring)
 VAE_ENCODE_UNITS = 38.8  # steady-state encode working set in u (beside its copy of the video)
+# Receptive margins, in latent pixels, of the parts WanVAETiler tiles (the decoder after its
+# middle block, the encoder before it) for the Wan 2.1 architecture: its tiles' context.
+WAN21_DECODE_HALO = 13
+WAN21_ENCODE_HALO = 9
+# Share of the refinement's time spent in the VAE, for the cost of tiling it (a model, to be
+# measured by longcat-bench pipeline): the 720p decode is ~10 MFLOP per output pixel, ~1.7 PFLOP
+# for 189 frames, against ~4.6 PFLOP per DiT step.
+VAE_TIME_SHARE_PCT = 5.0
 
 # Stages of the coarse-to-fine pipeline: latent grid (T, H, W) before patching and the DiT batch.
 STAGES = {
@@ -80,14 +94,15 @@ TEXT_ENCODER_TACTICS = ("gpu", "gpu-int8", "offload", "offload-int8", "cpu")
 # measurement): the fitter picks the fitting plan with the smallest sum. Order of preference:
 # nothing > moving the text encoder off after encoding (one 11 GB copy per video) > chunking >
 # VAE tiling > 8-bit weights (output changes) > block offload (hidden behind compute at 720p,
-# more exposed with less prefetch) > running the text encoder on the CPU.
+# more exposed with less prefetch) > running the text encoder on the CPU. VAE tiles (at most
+# that many latent pixels a side, halo included) cost the extra area decoded at 720p.
 TACTIC_COST = {
     "text_encoder": {"gpu": 0.0, "offload": 0.5, "gpu-int8": 3.0, "offload-int8": 3.5, "cpu": 40.0},
     "dit_weights": {"bf16": 0.0, "fp8": 4.0, "int8": 5.0},
     "attention_chunk_frames": {None: 0.0, 16: 1.0, 8: 2.0, 4: 3.0},
     "ffn_chunk_frames": {None: 0.0, 8: 0.5, 4: 0.5, 1: 1.5},
     "offload_prefetch": {None: 0.0, 2: 6.0, 1: 8.0},
-    "vae_tile": {None: 0.0, 64: 1.0, 32: 2.5, 16: 6.0},  # latent pixels per tile side, overlap tile // 4
+    "vae_tile": {None: 0.0},  # filled in below, from the tiles' geometry
 }
 
 
@@ -208,12 +223,21 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _tiles(size: int, tile: int, overlap: int) -> List[int]:
-    if size <= tile:
-        return [size]
-    stride = tile - overlap
-    starts = sorted(set(list(range(0, size - tile, stride)) + [size - tile]))
-    return [min(tile, size - s) for s in starts]
+def vae_tile_shape(latent_hw: Sequence[int], tile: int, halo: int) -> Tuple[int, int]:
+    """The largest tile (height, width in latent pixels, context included) WanVAETiler decodes."""
+    return tuple(max(d1 - d0 for d0, d1, _, _ in tile_spans(size, tile, 0, halo)) for size in latent_hw)
+
+
+def vae_tile_overhead(latent_hw: Sequence[int], tile: int, halo: int = WAN21_DECODE_HALO) -> float:
+    """Area decoded with tiles of ``tile`` latent pixels over the frame's area (the halos are
+    decoded twice): the relative time of a tiled decode."""
+    H, W = latent_hw
+    rows, cols = tile_spans(H, tile, 0, halo), tile_spans(W, tile, 0, halo)
+    return sum(d1 - d0 for d0, d1, _, _ in rows) * sum(d1 - d0 for d0, d1, _, _ in cols) / (H * W)
+
+
+for _tile in (96, 64, 48):
+    TACTIC_COST["vae_tile"][_tile] = round(VAE_TIME_SHARE_PCT * (vae_tile_overhead(STAGES["refine"]["latent"][1:], _tile) - 1), 2)
 
 
 def _decode_peak(cfg: dict, h: int, w: int, frames: int, a: int, batch: int) -> int:
@@ -223,40 +247,50 @@ def _decode_peak(cfg: dict, h: int, w: int, frames: int, a: int, batch: int) -> 
     return max(int(VAE_DECODE_UNITS * batch * _vae_unit(cfg, h, w, a)) + out, 2 * out)
 
 
-def vae_decode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Optional[int] = None, overlap: int = 0,
+def _features_bytes(cfg: dict, T: int, H: int, W: int, a: int, batch: int) -> int:
+    """The middle block's features of every frame, which WanVAETiler keeps at latent resolution."""
+    return batch * cfg.get("base_dim", 96) * _as_list(cfg.get("dim_mult", WAN21_VAE_CONFIG["dim_mult"]))[-1] * T * H * W * a
+
+
+def vae_decode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Optional[int] = None,
                      a: int = 2, batch: int = 1) -> Dict[str, int]:
     """Activation peak of decoding latents (T, H, W): {"decode", "output", "peak"} ("decode": the
-    decoder's own peak, of the whole frame or of one tile; "output": the blend buffers of tiling)."""
+    decoder's working set, of the whole frame or of one tile with its halo; "output": with tiles,
+    the output video and the middle block's features beside it)."""
     cfg = dict(WAN21_VAE_CONFIG if cfg is None else cfg)
     T, H, W = latent
     frames = _pixel_frames(T)
     if tile is None or (tile >= H and tile >= W):
         work = _decode_peak(cfg, H, W, frames, a, batch)
         return {"decode": work, "output": 0, "peak": work}
-    th, tw = max(_tiles(H, tile, overlap)), max(_tiles(W, tile, overlap))
-    video = batch * 3 * frames * (8 * H) * (8 * W)  # elements
-    tile_video = batch * 3 * frames * (8 * th) * (8 * tw)
-    work = _decode_peak(cfg, th, tw, frames, a, batch)
-    accumulator = video * 4 + (8 * H) * (8 * W) * 4  # fp32 blend sums and weights
-    blend = tile_video * (a + 2 * 4)  # the decoded tile, as fp32, times its blend weights
-    final = video * a  # the cast output beside the accumulator
-    return {"decode": work, "output": accumulator + max(blend, final), "peak": accumulator + max(work, blend, final)}
+    th, tw = vae_tile_shape((H, W), tile, WAN21_DECODE_HALO)
+    work = int(VAE_DECODE_UNITS * batch * _vae_unit(cfg, th, tw, a))
+    held = batch * 3 * frames * (8 * H) * (8 * W) * a + _features_bytes(cfg, T, H, W, a, batch)
+    return {"decode": work, "output": held, "peak": held + work}
 
 
-def vae_encode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Optional[int] = None, overlap: int = 0,
+def vae_encode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Optional[int] = None,
                      a: int = 2, batch: int = 1) -> Dict[str, int]:
     """Activation peak of encoding the video of latent grid (T, H, W): {"input", "working set", "peak"}.
-    Untiled, the video is on the GPU; tiled, it stays on the CPU and one tile at a time moves.
-    "working set" is everything beyond the input: the encoder's copy of it, its temporaries and
-    the latents (mean and log-variance, and with tiles the fp32 blend accumulator)."""
+    Untiled, the video is on the GPU; tiled, it stays on the CPU and one tile (with its halo)
+    at a time moves. "working set" is everything beyond the input: untiled, the encoder's copy of
+    the video, its temporaries and the latents (mean and log-variance in fp32); tiled, the tile's
+    temporaries, the middle block's features of every frame and the mean (and its fp32 copy)."""
     cfg = dict(WAN21_VAE_CONFIG if cfg is None else cfg)
     T, H, W = latent
     frames = _pixel_frames(T)
     z = cfg.get("z_dim", 16)
-    latents = batch * 2 * z * T * H * W * 4
-    th, tw = (H, W) if tile is None else (max(_tiles(H, tile, overlap)), max(_tiles(W, tile, overlap)))
+    if tile is None or (tile >= H and tile >= W):
+        video = batch * 3 * frames * (8 * H) * (8 * W) * a
+        work = video + int(VAE_ENCODE_UNITS * batch * _vae_unit(cfg, H, W, a)) + batch * 2 * z * T * H * W * 4
+        return {"input": video, "working set": work, "peak": video + work}
+    th, tw = vae_tile_shape((H, W), tile, WAN21_ENCODE_HALO)
     video = batch * 3 * frames * (8 * th) * (8 * tw) * a
-    work = video + int(VAE_ENCODE_UNITS * batch * _vae_unit(cfg, th, tw, a)) + (latents if tile is None else 2 * latents)
+    # The chunk of frames being convolved, joined to its 2 cached frames and padded (2 x 6 frames),
+    # and the 2 frames cached for the next chunk: 14 frames of the tile (1% of u at base_dim 96).
+    chunk = batch * 14 * 3 * (8 * th) * (8 * tw) * a
+    work = (int(VAE_ENCODE_UNITS * batch * _vae_unit(cfg, th, tw, a)) + chunk + _features_bytes(cfg, T, H, W, a, batch)
+            + batch * z * T * H * W * (a + 4))
     return {"input": video, "working set": work, "peak": video + work}
 
 
@@ -272,7 +306,8 @@ class PipelineTactics:
     dit_weights: "bf16", "fp8" or "int8" (weight-only 8-bit).
     offload_prefetch: None (DiT blocks resident) or the block-offload prefetch depth.
     attention_chunk_frames / ffn_chunk_frames: frame chunking of the DiT blocks (``accelerate``).
-    vae_tile / vae_overlap: tiled VAE encode and decode, in latent pixels (None: whole frames).
+    vae_tile: tiled VAE encode and decode (``WanVAETiler``, same result as whole frames): the
+        largest tile side in latent pixels, context included (None: whole frames).
     """
 
     text_encoder: str = "gpu"
@@ -281,7 +316,6 @@ class PipelineTactics:
     attention_chunk_frames: Optional[int] = None
     ffn_chunk_frames: Optional[int] = None
     vae_tile: Optional[int] = None
-    vae_overlap: int = 0
 
     def __post_init__(self):
         if self.text_encoder not in TEXT_ENCODER_TACTICS:
@@ -292,8 +326,9 @@ class PipelineTactics:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {v!r}")
-        if self.vae_tile is not None and not 0 <= self.vae_overlap < self.vae_tile:
-            raise ValueError(f"need 0 <= vae_overlap < vae_tile, got vae_overlap={self.vae_overlap}, vae_tile={self.vae_tile}")
+        if self.vae_tile is not None and self.vae_tile <= 2 * WAN21_DECODE_HALO:
+            raise ValueError(f"vae_tile must exceed twice the VAE tiles' halo ({2 * WAN21_DECODE_HALO} latent pixels), "
+                             f"got {self.vae_tile}")
 
     def cost(self) -> float:
         """Estimated added time in percent (``TACTIC_COST``)."""
@@ -302,7 +337,7 @@ class PipelineTactics:
                 + c["attention_chunk_frames"].get(self.attention_chunk_frames, 3.0)
                 + c["ffn_chunk_frames"].get(self.ffn_chunk_frames, 1.5)
                 + c["offload_prefetch"].get(self.offload_prefetch, 6.0)
-                + c["vae_tile"].get(self.vae_tile, 6.0))
+                + c["vae_tile"].get(self.vae_tile, 12.0))
 
     def accelerate_kwargs(self) -> dict:
         """The ``longcat.accelerate`` keyword arguments for the DiT part of these tactics."""
@@ -315,7 +350,7 @@ class PipelineTactics:
         parts.append(f"block offload (prefetch {self.offload_prefetch})" if self.offload_prefetch else "DiT resident")
         if self.attention_chunk_frames or self.ffn_chunk_frames:
             parts.append(f"chunks: blocks {self.attention_chunk_frames or 'whole'}, FFN {self.ffn_chunk_frames or self.attention_chunk_frames or 'whole'} frames")
-        parts.append(f"VAE tiles {self.vae_tile}/{self.vae_overlap}" if self.vae_tile else "VAE untiled")
+        parts.append(f"VAE tiles of {self.vae_tile} latent pixels" if self.vae_tile else "VAE untiled")
         return ", ".join(parts)
 
 
@@ -440,7 +475,7 @@ def plan_pipeline(
     embeds = prompts * text_len * te_cfg["d_model"] * a
     T, H, W = latent
     latents = batch * vae_cfg.get("z_dim", 16) * T * H * W * 4  # fp32 latents of the denoising loop
-    tile, overlap = tactics.vae_tile, tactics.vae_overlap
+    tile = tactics.vae_tile
 
     phases = []
     te_on_gpu = tactics.text_encoder != "cpu"
@@ -450,14 +485,14 @@ def plan_pipeline(
         {"text encoder": text_encoder_activation_bytes(te_cfg, prompts, text_len, a) if te_on_gpu else 0, "embeddings": embeds},
         0))
     if stage == "refine":
-        enc = vae_encode_bytes(latent, vae_cfg, tile, overlap, a, batch=1)
+        enc = vae_encode_bytes(latent, vae_cfg, tile, a, batch=1)
         phases.append(PhasePlan(
             "vae encode", {"text encoder": te_resident_after, "dit": dit_at_rest, "vae": vae_w},
             {"video": enc["input"], "vae encoder": enc["working set"], "embeddings": embeds}, 0))
     phases.append(PhasePlan(
         "denoising step", {"text encoder": te_resident_after, "dit": step.weights_resident_bytes, "vae": vae_w},
         {"dit": step.activation_peak_bytes, "latents": 3 * latents, "embeddings": embeds}, 0))  # latents, prediction, update
-    dec = vae_decode_bytes(latent, vae_cfg, tile, overlap, a, batch=1)
+    dec = vae_decode_bytes(latent, vae_cfg, tile, a, batch=1)
     phases.append(PhasePlan(
         "vae decode", {"text encoder": te_resident_after, "dit": dit_at_rest, "vae": vae_w},
         {"latents": latents, "vae decoder": dec["peak"]}, 0))
@@ -509,7 +544,6 @@ def _space(fixed: dict) -> Iterable[PipelineTactics]:
         kw = dict(zip(names, values))
         if kw["ffn_chunk_frames"] and kw["attention_chunk_frames"] and kw["ffn_chunk_frames"] > kw["attention_chunk_frames"]:
             continue  # an FFN chunk larger than the block chunk is the block chunk
-        kw["vae_overlap"] = kw["vae_tile"] // 4 if kw["vae_tile"] else 0
         yield PipelineTactics(**kw)
 
 

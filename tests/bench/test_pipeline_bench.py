@@ -16,13 +16,32 @@ def test_tiny_refine_pipeline_with_every_tactic_runs_end_to_end():
     from longcat.pipeline_plan import PipelineTactics
 
     tactics = PipelineTactics(text_encoder="offload-int8", dit_weights="int8", offload_prefetch=1, attention_chunk_frames=4,
-                              ffn_chunk_frames=1, vae_tile=4, vae_overlap=2)
+                              ffn_chunk_frames=1, vae_tile=27)
     res = run_pipeline("refine", device="cpu", latent=(2, 4, 8), steps=1, tactics=tactics)
     assert [r["phase"] for r in res["records"]] == ["text encoding", "vae encode", "denoising step", "vae decode"]
     assert all(r["status"] == "ok" and r["time_s"] > 0 and r["planned_peak_bytes"] > 0 for r in res["records"])
     assert res["output_finite"] and res["small"]
     plan = res["plan"]
-    assert plan["tactics"]["vae_tile"] == 4 and plan["peak_bytes"] == max(p["peak_bytes"] for p in plan["phases"])
+    assert plan["tactics"]["vae_tile"] == 27 and plan["peak_bytes"] == max(p["peak_bytes"] for p in plan["phases"])
+
+
+def test_tiny_refine_pipeline_gives_the_same_video_with_vae_tiles():
+    """On the Wan 2.1 VAE architecture at a toy width, tiles of at most 27 latent pixels (2 x 2
+    tiles of this 28 x 30 grid, each with its 13-pixel halo) give the same video, end to end from
+    the same seed (VAE encode, the denoising step, VAE decode), as the whole-frame VAE."""
+    import dataclasses
+
+    from longcat.bench.pipeline_bench import run_pipeline
+    from longcat.pipeline_plan import PipelineTactics
+
+    tactics = PipelineTactics(text_encoder="offload-int8", offload_prefetch=1, attention_chunk_frames=4, vae_tile=27)
+    tiled = run_pipeline("refine", device="cpu", latent=(1, 28, 30), steps=1, tactics=tactics, keep_output=True)
+    whole = run_pipeline("refine", device="cpu", latent=(1, 28, 30), steps=1, tactics=dataclasses.replace(tactics, vae_tile=None),
+                         keep_output=True)
+    assert all(r["status"] == "ok" for r in tiled["records"] + whole["records"])
+    assert tiled["output"].shape == whole["output"].shape == (1, 3, 1, 224, 240)
+    assert whole["output"].std() > 0.05  # a picture, not a constant
+    torch.testing.assert_close(tiled["output"], whole["output"], rtol=1e-4, atol=1e-4)
 
 
 def test_cli_needs_matching_stage_and_resolution(capsys):

@@ -42,10 +42,33 @@ def test_720p_refine_phases_match_hand_computed_figures():
     assert 52e9 < plan.peak_bytes < 54e9  # ~60 GB upstream: same weights, unfused activations
 
 
+def test_720p_tiled_vae_figures_match_hand_computed_ones():
+    """Tiles of at most 64 latent pixels with the halo of 13 (decode) or 9 (encode): the 88 rows
+    split in two kept halves of 31 + 13 = 44 -> decoded 57 rows, the 160 columns in four kept
+    parts of 34, 34, 33, 33 -> decoded at most 34 + 26 = 60 columns (encode, halo 9: 44 + 9 = 53 rows, at most 36 + 18 = 54 columns)."""
+    from longcat.pipeline_plan import VAE_TIME_SHARE_PCT, TACTIC_COST, vae_decode_bytes, vae_encode_bytes, vae_tile_overhead
+
+    out = 3 * 189 * 704 * 1280 * 2
+    feats = 384 * 48 * 88 * 160 * 2  # the middle block's features, whole frames
+    dec = vae_decode_bytes(LATENT_720P, tile=64)
+    assert dec["decode"] == int(52.5 * 96 * (8 * 57) * (8 * 60) * 2)
+    assert dec["peak"] == dec["decode"] + out + feats
+    enc = vae_encode_bytes(LATENT_720P, tile=64)
+    assert enc["input"] == 3 * 189 * (8 * 53) * (8 * 54) * 2
+    chunk = 14 * 3 * (8 * 53) * (8 * 54) * 2  # 4 frames joined to 2 cached ones, padded, and 2 cached for the next
+    assert enc["working set"] == int(38.8 * 96 * (8 * 53) * (8 * 54) * 2) + chunk + feats + 16 * 48 * 88 * 160 * (2 + 4)
+    # What tiling costs: the area decoded twice (the halos), times the VAE's share of the time.
+    assert vae_tile_overhead((88, 160), 64) == pytest.approx((57 + 57) * (60 + 60 + 59 + 59) / (88 * 160))
+    assert TACTIC_COST["vae_tile"][64] == pytest.approx(VAE_TIME_SHARE_PCT * (vae_tile_overhead((88, 160), 64) - 1), abs=0.01)
+    plan = plan_pipeline("refine", PipelineTactics(vae_tile=64))
+    assert plan.phase("vae decode").activations["vae decoder"] == dec["peak"]
+    assert "VAE tiles of 64 latent pixels" in str(plan.tactics)
+
+
 def test_tactics_move_each_phase():
     base = plan_pipeline("refine", PipelineTactics())
     small = plan_pipeline("refine", PipelineTactics(text_encoder="offload", dit_weights="int8", offload_prefetch=1,
-                                                    attention_chunk_frames=4, ffn_chunk_frames=1, vae_tile=32, vae_overlap=8))
+                                                    attention_chunk_frames=4, ffn_chunk_frames=1, vae_tile=64))
     # The text encoder leaves after encoding; the blocks live on the CPU outside the denoising loop.
     dit = plan_memory("longcat-video", latent=LATENT_720P, weights="int8", attention="bsa", attention_chunk_frames=4,
                       ffn_chunk_frames=1, offload="blocks")
@@ -76,7 +99,7 @@ def test_int8_text_encoder_bytes():
 @pytest.mark.parametrize("budget, expected", [
     # 8 GB: even the int8 encoder (7.7 GB: the 2.1 GB embedding table stays bf16) does not fit beside the rest
     ("8GB", PipelineTactics(text_encoder="cpu", offload_prefetch=2, attention_chunk_frames=8, ffn_chunk_frames=4,
-                            vae_tile=64, vae_overlap=16)),
+                            vae_tile=96)),
     ("16GB", PipelineTactics(text_encoder="offload", offload_prefetch=2, ffn_chunk_frames=8)),
     ("24GB", PipelineTactics(text_encoder="offload", offload_prefetch=2)),
     ("80GB", PipelineTactics()),
@@ -103,8 +126,8 @@ def test_impossible_budget_names_the_smallest_that_fits():
         fit_pipeline("eight gigabytes")
     with pytest.raises(ValueError, match="stage must be one of"):
         plan_pipeline("upscale")
-    with pytest.raises(ValueError, match="vae_overlap"):
-        PipelineTactics(vae_tile=8, vae_overlap=8)
+    with pytest.raises(ValueError, match="vae_tile must exceed twice the VAE tiles' halo"):
+        PipelineTactics(vae_tile=26)
 
 
 def test_fit_dit_and_accelerate_memory_budget():
@@ -205,6 +228,32 @@ def test_vae_formulas_match_diffusers_traced_on_meta(latent, base_dim):
     assert live.peak == pytest.approx(planned["peak"] - planned["input"], rel=0.05)  # the video existed before
     with pytest.raises(ValueError, match="Wan 2.1 architecture"):
         vae_decode_bytes(latent, dict(cfg, num_res_blocks=1))
+
+
+@needs["diffusers"]
+@pytest.mark.parametrize("base_dim", [96, 8])
+def test_tiled_vae_formulas_match_the_tiler_traced_on_meta(base_dim):
+    """WanVAETiler's peaks (tiles of at most 30 latent pixels: 2 x 2 tiles of a 32 x 40 grid)
+    against the planned ones, traced on the meta device: within 5%."""
+    from diffusers import AutoencoderKLWan
+
+    from longcat.bench.memory import LiveTensorBytes
+    from longcat.pipeline_memory import WanVAETiler
+    from longcat.pipeline_plan import WAN21_VAE_CONFIG, vae_decode_bytes, vae_encode_bytes
+
+    cfg, latent, tile = dict(WAN21_VAE_CONFIG, base_dim=base_dim), (3, 32, 40), 30
+    with torch.device("meta"):
+        tiler = WanVAETiler(AutoencoderKLWan(**cfg).to(torch.bfloat16))
+    z = torch.empty(1, 16, *latent, device="meta", dtype=torch.bfloat16)
+    with torch.no_grad(), LiveTensorBytes() as live:
+        tiler.decode(z, tile=tile)
+    assert live.peak == pytest.approx(vae_decode_bytes(latent, cfg, tile)["peak"], rel=0.05)
+    video = torch.empty(1, 3, 9, 8 * latent[1], 8 * latent[2], device="meta", dtype=torch.bfloat16)
+    with torch.no_grad(), LiveTensorBytes() as live:
+        tiler.encode(video, tile=tile, device="meta")
+    planned = vae_encode_bytes(latent, cfg, tile)
+    # On meta a tile of the video is a view, not the planned copy; nor is the fp32 copy of the mean made.
+    assert live.peak == pytest.approx(planned["working set"] - 16 * 3 * 32 * 40 * 4, rel=0.05)
 
 
 def test_live_tensor_counter_counts_what_is_alive():

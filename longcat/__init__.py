@@ -17,6 +17,7 @@ from .accelerate import accelerate, acceleration_report, restore  # noqa: E402
 from .cuda_graphs import CUDAGraphStep  # noqa: E402
 from .memory_plan import MemoryPlan, plan_memory  # noqa: E402
 from .pipeline_plan import MemoryBudgetError, PipelineTactics, fit_pipeline, plan_pipeline  # noqa: E402
+from .pipeline import accelerate_pipeline  # noqa: E402
 from .ops import DiTOps, REFERENCE_OPS, SDPA_OPS  # noqa: E402
 from .presets import PRESETS, get_preset  # noqa: E402
 
@@ -47,6 +48,7 @@ __all__ = [
     "MemoryPlan",
     "plan_pipeline",
     "fit_pipeline",
+    "accelerate_pipeline",
     "PipelineTactics",
     "MemoryBudgetError",
     "DiTOps",

@@ -356,6 +356,13 @@ class WanVAETiler:
         ``vae.encode(video).latent_dist.mode()`` gives), encoded in tiles of at most ``tile``
         latent pixels a side (``halo``: context per tile, default ``encode_halo``). Each tile is
         moved to ``device`` (default: the VAE's), so the video can stay on the CPU."""
+        moments = self.encode_moments(video, tile, halo, device)
+        return moments[:, : moments.shape[1] // 2]
+
+    @torch.no_grad()
+    def encode_moments(self, video: torch.Tensor, tile: int = 64, halo: Optional[int] = None, device=None) -> torch.Tensor:
+        """As ``encode``, the mean and the log-variance [B, 32, T, H / 8, W / 8] (the parameters of
+        ``vae.encode(video).latent_dist``)."""
         _check_video(video, self.scale)
         halo = self.encode_halo if halo is None else halo
         self._check_tile(tile, halo)
@@ -381,8 +388,7 @@ class WanVAETiler:
             x = enc.mid_block(feats[:, :, t0:t1], feat_cache=cache, feat_idx=idx)
             x = _cached_causal_conv(enc.conv_out, enc.nonlinearity(enc.norm_out(x)), cache, idx)
             x = self.vae.quant_conv(x)
-            mean = x[:, : x.shape[1] // 2]
             if z is None:
-                z = mean.new_empty(*mean.shape[:2], T, *mean.shape[3:])
-            z[:, :, t0:t1] = mean
+                z = x.new_empty(*x.shape[:2], T, *x.shape[3:])
+            z[:, :, t0:t1] = x
         return z

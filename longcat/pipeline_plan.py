@@ -275,7 +275,8 @@ def vae_encode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Op
     Untiled, the video is on the GPU; tiled, it stays on the CPU and one tile (with its halo)
     at a time moves. "working set" is everything beyond the input: untiled, the encoder's copy of
     the video, its temporaries and the latents (mean and log-variance in fp32); tiled, the tile's
-    temporaries, the middle block's features of every frame and the mean (and its fp32 copy)."""
+    temporaries, the middle block's features of every frame, the mean and log-variance, and the
+    mean's fp32 copy."""
     cfg = dict(WAN21_VAE_CONFIG if cfg is None else cfg)
     T, H, W = latent
     frames = _pixel_frames(T)
@@ -290,7 +291,7 @@ def vae_encode_bytes(latent: Sequence[int], cfg: Optional[dict] = None, tile: Op
     # and the 2 frames cached for the next chunk: 14 frames of the tile (1% of u at base_dim 96).
     chunk = batch * 14 * 3 * (8 * th) * (8 * tw) * a
     work = (int(VAE_ENCODE_UNITS * batch * _vae_unit(cfg, th, tw, a)) + chunk + _features_bytes(cfg, T, H, W, a, batch)
-            + batch * z * T * H * W * (a + 4))
+            + batch * z * T * H * W * (2 * a + 4))
     return {"input": video, "working set": work, "peak": video + work}
 
 

@@ -56,7 +56,7 @@ def test_720p_tiled_vae_figures_match_hand_computed_ones():
     enc = vae_encode_bytes(LATENT_720P, tile=64)
     assert enc["input"] == 3 * 189 * (8 * 53) * (8 * 54) * 2
     chunk = 14 * 3 * (8 * 53) * (8 * 54) * 2  # 4 frames joined to 2 cached ones, padded, and 2 cached for the next
-    assert enc["working set"] == int(38.8 * 96 * (8 * 53) * (8 * 54) * 2) + chunk + feats + 16 * 48 * 88 * 160 * (2 + 4)
+    assert enc["working set"] == int(38.8 * 96 * (8 * 53) * (8 * 54) * 2) + chunk + feats + 16 * 48 * 88 * 160 * (2 * 2 + 4)
     # What tiling costs: the area decoded twice (the halos), times the VAE's share of the time.
     assert vae_tile_overhead((88, 160), 64) == pytest.approx((57 + 57) * (60 + 60 + 59 + 59) / (88 * 160))
     assert TACTIC_COST["vae_tile"][64] == pytest.approx(VAE_TIME_SHARE_PCT * (vae_tile_overhead((88, 160), 64) - 1), abs=0.01)

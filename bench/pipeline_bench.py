@@ -116,8 +116,9 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     budget). Fitting for the stage's full grid and running fewer frames measures the real
     recipe in less time; the planned figures are always those of the grid that runs."""
     import longcat
-    from longcat.pipeline_memory import WanVAETiler, encode_prompts_then_offload, offload_to_cpu
-    from longcat.pipeline_plan import STAGES, UMT5_INT8_EXCLUDE, PipelineTactics, fit_pipeline, parse_memory_size, plan_pipeline
+    from longcat.pipeline import place_text_encoder
+    from longcat.pipeline_memory import WanVAETiler
+    from longcat.pipeline_plan import STAGES, PipelineTactics, fit_pipeline, parse_memory_size, plan_pipeline
 
     from .models import build_random_model
 
@@ -147,15 +148,8 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     # Built (fast random init) on the device; a CPU text encoder then runs in float32, which CPUs
     # multiply faster than bfloat16.
     on_cpu = tactics.text_encoder == "cpu"
-    text_encoder = build_text_encoder(te_cfg, device, torch.float32 if on_cpu else dtype, seed)
-    if on_cpu:
-        text_encoder.to("cpu")
-    if tactics.text_encoder.endswith("int8"):
-        from longcat.quant import quantize
-
-        quantize(text_encoder, "int8", exclude=UMT5_INT8_EXCLUDE)
-    if tactics.text_encoder.startswith("offload"):
-        offload_to_cpu(text_encoder)
+    text_encoder = place_text_encoder(build_text_encoder(te_cfg, device, torch.float32 if on_cpu else dtype, seed),
+                                      tactics.text_encoder, device)
     vae = build_vae(vae_cfg, device, dtype, seed + 1)
     model = build_random_model(dit, dtype=dtype, device=device, seed=seed + 2)
     kw = tactics.accelerate_kwargs()
@@ -174,10 +168,13 @@ def run_pipeline(stage: str = "refine", *, budget: Optional[str] = None, device=
     T, H, W = latent
     tokenizer = RandomTokenizer(te_cfg["vocab_size"], seed + 4)
     try:
-        def encode_text():
-            emb, mask = encode_prompts_then_offload(text_encoder, tokenizer, ["a prompt"] * batch, "cpu" if on_cpu else device,
-                                                    max_length=text_len, offload=tactics.text_encoder.startswith("offload"))
-            return emb.to(device, dtype), mask.to(device)
+        def encode_text():  # as the pipeline calls it: inputs on the device; the placement's hooks do the rest
+            tokens = tokenizer(["a prompt"] * batch, padding="max_length", max_length=text_len, truncation=True,
+                               add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+            ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            with torch.no_grad():
+                hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return hidden.unsqueeze(1).to(device, dtype), mask[:, None, None, :]
 
         emb, mask = _measure("text encoding", device, encode_text, planned["text encoding"], records, progress)
         scale = 8

@@ -7,8 +7,9 @@ copy of it). The tactics ``fit_pipeline`` chooses for the budget (or the ones gi
 in place, so the pipeline's own code runs unchanged:
 
 - the DiT: ``longcat.accelerate`` with the tactics' weights format, block offload and chunking;
-- the text encoder: 8-bit weights, kept on the CPU and brought to the GPU only while it encodes
-  ("offload"), or run on the CPU with its inputs and outputs moved across ("cpu");
+- the text encoder (``place_text_encoder``): 8-bit weights, kept on the CPU and brought to the GPU
+  only while it encodes ("offload"), streamed to the GPU layer by layer ("offload-blocks"), or run
+  on the CPU with its inputs and outputs moved across ("cpu");
 - the VAE: ``vae.encode`` and ``vae.decode`` replaced by ``WanVAETiler``'s tiled versions, which
   return the same objects (``latent_dist``, ``sample``) and the same values as the whole-frame ones.
 """
@@ -20,10 +21,11 @@ import torch
 import torch.nn as nn
 
 from .accelerate import accelerate
+from .offload import BlockOffloader
 from .pipeline_memory import WanVAETiler, offload_to_cpu
 from .pipeline_plan import UMT5_INT8_EXCLUDE, PipelinePlan, PipelineTactics, fit_pipeline, plan_pipeline
 
-__all__ = ["accelerate_pipeline"]
+__all__ = ["accelerate_pipeline", "place_text_encoder"]
 
 
 def accelerate_pipeline(
@@ -61,7 +63,7 @@ def accelerate_pipeline(
     vae_tiler = WanVAETiler(pipe.vae) if plan.tactics.vae_tile else None  # refuses a VAE it cannot tile first
 
     accelerate(pipe.dit, **dit_kwargs, **accelerate_kwargs)
-    _place_text_encoder(pipe.text_encoder, plan.tactics.text_encoder, device)
+    place_text_encoder(pipe.text_encoder, plan.tactics.text_encoder, device)
     if vae_tiler is not None:
         _tile_vae(pipe.vae, vae_tiler, plan.tactics.vae_tile)
     if verbose:
@@ -89,13 +91,35 @@ def _first_device(args, kwargs):
     return None
 
 
-def _place_text_encoder(encoder: nn.Module, tactic: str, device: torch.device) -> None:
+def place_text_encoder(encoder: nn.Module, tactic: str, device) -> nn.Module:
+    """Put a Hugging Face text encoder where ``tactic`` (``PipelineTactics.text_encoder``) says,
+    with hooks so that calling it with inputs on ``device`` works as before and returns its
+    outputs on ``device``. "offload-blocks" needs a T5-style encoder (``encoder.block``,
+    ``encoder.embed_tokens``: UMT5 has them)."""
+    from .pipeline_plan import TEXT_ENCODER_TACTICS
+
+    if tactic not in TEXT_ENCODER_TACTICS:
+        raise ValueError(f"text encoder tactic must be one of {TEXT_ENCODER_TACTICS}, got {tactic!r}")
+    device = torch.device(device)
+    stack = getattr(encoder, "encoder", None)
+    if tactic == "offload-blocks" and not (isinstance(getattr(stack, "block", None), nn.ModuleList)
+                                           and isinstance(getattr(stack, "embed_tokens", None), nn.Module)):
+        raise TypeError("text_encoder 'offload-blocks' needs a T5-style encoder (encoder.block and encoder.embed_tokens)")
     if tactic.endswith("int8"):
         from .quant import quantize
 
         quantize(encoder, "int8", exclude=UMT5_INT8_EXCLUDE)
     if tactic in ("gpu", "gpu-int8"):
         encoder.to(device)
+    elif tactic == "offload-blocks":
+        encoder.to("cpu")
+        for module in stack.children():  # the final norm (and dropout) live on the device
+            if module is not stack.block and module is not stack.embed_tokens:
+                module.to(device)
+        # The embedding table (2.1 GB for UMT5-XXL) looks up on the CPU; its output goes to the device.
+        stack.embed_tokens.register_forward_pre_hook(lambda module, args: _to(tuple(args), "cpu"))
+        stack.embed_tokens.register_forward_hook(lambda module, args, out: out.to(device))
+        encoder._longcat_block_offloader = BlockOffloader(stack.block, prefetch=1)
     elif tactic.startswith("offload"):  # on the GPU only while it encodes
         offload_to_cpu(encoder)
         encoder.register_forward_pre_hook(lambda module, args: module.to(device) and None)
@@ -113,6 +137,7 @@ def _place_text_encoder(encoder: nn.Module, tactic: str, device: torch.device) -
 
         encoder.register_forward_pre_hook(inputs_to_cpu, with_kwargs=True)
         encoder.register_forward_hook(outputs_back)
+    return encoder
 
 
 def _tile_vae(vae: nn.Module, tiler: WanVAETiler, tile: int) -> None:

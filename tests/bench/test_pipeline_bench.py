@@ -34,7 +34,7 @@ def test_tiny_refine_pipeline_gives_the_same_video_with_vae_tiles():
     from longcat.bench.pipeline_bench import run_pipeline
     from longcat.pipeline_plan import PipelineTactics
 
-    tactics = PipelineTactics(text_encoder="offload-int8", offload_prefetch=1, attention_chunk_frames=4, vae_tile=27)
+    tactics = PipelineTactics(text_encoder="offload-blocks", offload_prefetch=1, attention_chunk_frames=4, vae_tile=27)
     tiled = run_pipeline("refine", device="cpu", latent=(1, 28, 30), steps=1, tactics=tactics, keep_output=True)
     whole = run_pipeline("refine", device="cpu", latent=(1, 28, 30), steps=1, tactics=dataclasses.replace(tactics, vae_tile=None),
                          keep_output=True)

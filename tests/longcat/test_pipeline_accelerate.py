@@ -95,3 +95,31 @@ def test_budget_is_fitted_and_bad_calls_are_refused(capsys):
     plan = longcat.accelerate_pipeline(pipe, "8GB", device="cpu")
     assert plan.peak_bytes <= 8e9 and plan.tactics == longcat.fit_pipeline("8GB").tactics
     assert f"{plan.tactics}" in capsys.readouterr().out
+
+
+def test_text_encoder_streamed_layer_by_layer(gen):
+    """'offload-blocks': the UMT5 layers live on the CPU under a BlockOffloader (its copy schedule is
+    tested in test_pipeline_plan on the meta device; UMT5 itself cannot run on meta), the embedding
+    looks up on the CPU, the final norm lives on the device. On the CPU the output is unchanged."""
+    from longcat.bench.pipeline_bench import SMALL_TEXT_ENCODER, build_text_encoder
+    from longcat.pipeline import place_text_encoder
+
+    ids = torch.randint(1, 512, (2, 16), generator=gen)
+    mask = torch.ones_like(ids)
+    plain = build_text_encoder(SMALL_TEXT_ENCODER, "cpu", torch.float32, seed=1)
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+    streamed = place_text_encoder(build_text_encoder(SMALL_TEXT_ENCODER, "cpu", torch.float32, seed=1), "offload-blocks", "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(input_ids=ids, attention_mask=mask).last_hidden_state, expected)
+
+    offloader = streamed._longcat_block_offloader
+    assert offloader.blocks == list(streamed.encoder.block) and offloader.prefetch == 1
+    assert offloader.resident_blocks() == [] and streamed.encoder.embed_tokens.weight.device.type == "cpu"
+    on_meta = place_text_encoder(build_text_encoder(SMALL_TEXT_ENCODER, "cpu", torch.float32, seed=1), "offload-blocks", "meta")
+    assert on_meta.encoder.final_layer_norm.weight.device.type == "meta"  # the device's share
+    assert on_meta._longcat_block_offloader.resident_blocks() == []
+    with pytest.raises(TypeError, match="T5-style encoder"):
+        place_text_encoder(nn.Linear(2, 2), "offload-blocks", "cpu")
+    with pytest.raises(ValueError, match="text encoder tactic must be one of"):
+        place_text_encoder(plain, "disk", "cpu")

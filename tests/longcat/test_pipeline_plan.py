@@ -87,6 +87,15 @@ def test_tactics_move_each_phase():
     assert base_stage.batch == 2 and [p.name for p in base_stage.phases] == ["text encoding", "denoising step", "vae decode"]
 
 
+def test_text_encoder_streamed_layer_by_layer_holds_two_layers():
+    # a UMT5-XXL layer: q, k, v, o (4096 x 4096), its relative-position bias (32 x 64), two norms,
+    # wi_0, wi_1, wo (4096 x 10240)
+    layer = 4 * 4096 * 4096 + 32 * 64 + 2 * 4096 + 3 * 4096 * 10240
+    plan = plan_pipeline("refine", PipelineTactics(text_encoder="offload-blocks"))
+    assert plan.phase("text encoding").weights["text encoder"] == 2 * (2 * layer + 4096)  # + the final norm, bf16
+    assert plan.phase("vae decode").weights["text encoder"] == 0
+
+
 def test_int8_text_encoder_bytes():
     d, inner, F, layers = 4096, 4096, 10240, 24
     quantized = layers * (4 * d * inner + 2 * d * F)  # q, k, v, o, wi_0, wi_1 (wo stays bf16)
@@ -98,7 +107,7 @@ def test_int8_text_encoder_bytes():
 
 @pytest.mark.parametrize("budget, expected", [
     # 8 GB: even the int8 encoder (7.7 GB: the 2.1 GB embedding table stays bf16) does not fit beside the rest
-    ("8GB", PipelineTactics(text_encoder="cpu", offload_prefetch=2, attention_chunk_frames=8, ffn_chunk_frames=4,
+    ("8GB", PipelineTactics(text_encoder="offload-blocks", offload_prefetch=2, attention_chunk_frames=8, ffn_chunk_frames=4,
                             vae_tile=96)),
     ("16GB", PipelineTactics(text_encoder="offload", offload_prefetch=2, ffn_chunk_frames=8)),
     ("24GB", PipelineTactics(text_encoder="offload", offload_prefetch=2)),

@@ -14,7 +14,15 @@ from typing import Deque, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["BlockOffloader"]
+__all__ = ["BlockOffloader", "first_tensor_device"]
+
+
+def first_tensor_device(args, kwargs) -> Optional[torch.device]:
+    """The device of a module call's first tensor argument (None when it has none)."""
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
 
 
 def _tensor_slots(block: nn.Module) -> List[Tuple[nn.Module, str, str]]:
@@ -79,12 +87,6 @@ class BlockOffloader:
             self.handles.append(block.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
             self.handles.append(block.register_forward_hook(self._make_post_hook(i)))
 
-    @staticmethod
-    def _input_device(args, kwargs) -> torch.device:
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                return a.device
-        return torch.device("cpu")
 
     def _copy_in(self, i: int, device: torch.device) -> None:
         """Start copying block i to ``device`` (on the side stream on CUDA); no-op if already issued."""
@@ -108,7 +110,7 @@ class BlockOffloader:
 
     def _make_pre_hook(self, i: int):
         def hook(module, args, kwargs):
-            device = self._input_device(args, kwargs)
+            device = first_tensor_device(args, kwargs) or torch.device("cpu")
             if device.type == "cpu":
                 return None
             self._copy_in(i, device)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .accelerate import accelerate
-from .offload import BlockOffloader
+from .offload import BlockOffloader, first_tensor_device
 from .pipeline_memory import WanVAETiler, offload_to_cpu
 from .pipeline_plan import UMT5_INT8_EXCLUDE, PipelinePlan, PipelineTactics, fit_pipeline, plan_pipeline
 
@@ -84,13 +84,6 @@ def _to(obj, device):
     return obj
 
 
-def _first_device(args, kwargs):
-    for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            return v.device
-    return None
-
-
 def place_text_encoder(encoder: nn.Module, tactic: str, device) -> nn.Module:
     """Put a Hugging Face text encoder where ``tactic`` (``PipelineTactics.text_encoder``) says,
     with hooks so that calling it with inputs on ``device`` works as before and returns its
@@ -129,7 +122,7 @@ def place_text_encoder(encoder: nn.Module, tactic: str, device) -> nn.Module:
         origin = []
 
         def inputs_to_cpu(module, args, kwargs):
-            origin[:] = [_first_device(args, kwargs)]
+            origin[:] = [first_tensor_device(args, kwargs)]
             return _to(tuple(args), "cpu"), _to(dict(kwargs), "cpu")
 
         def outputs_back(module, args, out):

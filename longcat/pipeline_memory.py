@@ -247,7 +247,7 @@ class WanVAETiler:
 
     The decoder is cut after its middle block: the input convolution and the middle block (whose
     attention spans the frame) run on whole frames at latent resolution, into features
-    [B, 4 * base_dim, T, H, W] (0.53 GB at 720p in bf16); the upsampling blocks and the output
+    [B, 4 * base_dim, T, H, W] (0.52 GB at 720p in bf16); the upsampling blocks and the output
     convolution run per tile, each tile decoded with ``decode_halo`` latent pixels of context
     (their receptive margin, 13 for the Wan 2.1 architecture) and written straight into the
     output. The encoder is cut before its middle block the same way (``encode_halo``: 10).
